@@ -1,0 +1,595 @@
+"""Training data: the distortions of the paper and the torch Datasets that feed the codec and the enhancer.
+
+Shapes: every waveform is a 1-D float32 array / tensor of samples at 16 kHz (mono). Datasets return
+`(segment_length,)` tensors, or whole files when `segment_length` is None.
+
+Determinism: no function here touches a global random state. Each item draws from
+`np.random.default_rng([seed, epoch, index, stream])`, so an item depends only on those numbers, whatever the
+DataLoader's worker count or order. Every distortion range and probability comes from the config's "data" section.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from scipy.signal import fftconvolve
+from torch.utils.data import Dataset
+
+from utils import AudioError, UserError, find_audio_files, load_audio
+
+log = logging.getLogger("paragse.data")
+
+CONDITIONS = ("noise", "reverb", "bandlimit", "clipping", "mixture")
+"""Degradation names; also the folder names of the test sets and examples/degraded/."""
+
+# Separate random streams per item, so that e.g. changing the degradation does not move the crop position.
+_CROP_STREAM, _DEGRADE_STREAM = 0, 1
+_INT16_SCALE = 32767.0
+
+
+# ================================================================================================ distortions
+def signal_power(x: np.ndarray) -> float:
+    """Mean square of `x`, computed in float64 so long signals keep their precision."""
+    return float(np.mean(np.square(x, dtype=np.float64))) if x.size else 0.0
+
+
+def loop_to_length(noise: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` samples of `noise` from a random offset, wrapping around (so short noises loop)."""
+    if noise.size == 0:
+        raise ValueError("noise signal is empty")
+    start = int(rng.integers(0, noise.size))
+    return np.take(noise, np.arange(start, start + length), mode="wrap")
+
+
+def add_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """clean + noise (looped/cropped at a random offset), the noise scaled so the SNR is exactly `snr_db`.
+
+    (T,) + (any length) -> (T,). A clean signal of zero power gets no noise (its SNR is undefined).
+    """
+    segment = loop_to_length(noise, clean.size, rng).astype(np.float64)
+    noise_power = signal_power(segment)
+    if noise_power == 0.0:
+        raise ValueError("noise signal is silent (zero power)")
+    gain = math.sqrt(signal_power(clean) / (noise_power * 10.0 ** (snr_db / 10.0)))
+    return (clean.astype(np.float64) + gain * segment).astype(np.float32)
+
+
+def reverberate(clean: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """clean * rir, the first len(clean) samples, rescaled to the power of `clean`. (T,), (L,) -> (T,)."""
+    wet = fftconvolve(clean.astype(np.float64), rir.astype(np.float64))[: clean.size]
+    wet_power = signal_power(wet)
+    if wet_power == 0.0:
+        return clean.astype(np.float32, copy=True)
+    return (wet * math.sqrt(signal_power(clean) / wet_power)).astype(np.float32)
+
+
+def band_limit(clean: np.ndarray, low_rate: int, sample_rate: int) -> np.ndarray:
+    """Resample to `low_rate` and back (content above low_rate/2 removed). (T,) -> (T,)."""
+    if low_rate >= sample_rate:
+        return clean.astype(np.float32, copy=True)
+    low = soxr.resample(clean.astype(np.float32), sample_rate, low_rate, quality="VHQ")
+    back = soxr.resample(low, low_rate, sample_rate, quality="VHQ")
+    # soxr rounds lengths; the pair must stay sample-aligned with the clean target.
+    out = np.zeros(clean.size, dtype=np.float32)
+    n = min(clean.size, back.size)
+    out[:n] = back[:n]
+    return out
+
+
+def clip(clean: np.ndarray, quantile: float) -> np.ndarray:
+    """Clip at the `quantile` and `1 - quantile` sample quantiles (e.g. 0.1 -> 10 % / 90 %). (T,) -> (T,)."""
+    if not 0.0 <= quantile < 0.5:
+        raise ValueError(f"clip quantile must be in [0, 0.5), got {quantile}")
+    low, high = np.quantile(clean, [quantile, 1.0 - quantile])
+    return np.clip(clean, low, high).astype(np.float32)
+
+
+def _uniform(rng: np.random.Generator, bounds: Sequence[float]) -> float:
+    low, high = float(bounds[0]), float(bounds[1])
+    return low if high <= low else float(rng.uniform(low, high))
+
+
+def _random_positions(rng: np.random.Generator, room: np.ndarray, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Source and microphone inside the room, away from the walls, at a distance in the configured range."""
+    margin = float(config["rir_wall_margin"])
+    low_d, high_d = config["rir_source_mic_distance"]
+    for _ in range(1000):
+        source = rng.uniform(margin, room - margin)
+        mic = rng.uniform(margin, room - margin)
+        if low_d <= np.linalg.norm(source - mic) <= high_d:
+            return source, mic
+    raise UserError(
+        f"data.degradation: no source/microphone placement fits rir_source_mic_distance {config['rir_source_mic_distance']}"
+        f" in rooms of {room.round(2).tolist()} m with rir_wall_margin {margin}")
+
+
+def simulate_rir(rng: np.random.Generator, config: dict, sample_rate: int) -> tuple[np.ndarray, dict]:
+    """A shoebox-room impulse response from pyroomacoustics (image sources + ray tracing) and its parameters.
+
+    `config` is the "data.degradation" section. The response starts at its direct path (its largest sample),
+    so reverberant speech stays time-aligned with the clean target. Returns ((L,) float32 peak 1, params).
+    """
+    import pyroomacoustics as pra  # imported here: it is slow to import and only RIR simulation needs it
+
+    low, high = np.asarray(config["room_dim_min"], float), np.asarray(config["room_dim_max"], float)
+    for _ in range(100):
+        room_dim = rng.uniform(low, high)
+        rt60 = _uniform(rng, config["rt60"])
+        try:
+            absorption, _ = pra.inverse_sabine(rt60, room_dim)
+            break
+        except ValueError:  # this room is too small to reach that RT60 even with rigid walls
+            continue
+    else:
+        raise UserError(f"data.degradation: rooms between {low.tolist()} and {high.tolist()} m cannot reach RT60 {config['rt60']}")
+    source, mic = _random_positions(rng, room_dim, config)
+    room = pra.ShoeBox(room_dim, fs=sample_rate, materials=pra.Material(absorption),
+                       max_order=int(config["rir_ism_order"]), ray_tracing=True,
+                       air_absorption=bool(config["rir_air_absorption"]))
+    # pyroomacoustics' ray tracer has its own package-wide generators: seed them from ours so the RIR is
+    # reproducible (this is pyroomacoustics' state, not numpy's global one).
+    pra.random.seed(numpy=int(rng.integers(0, 2**63 - 1)), libroom=int(rng.integers(0, 2**63 - 1)))
+    room.set_ray_tracing(n_rays=int(config["rir_rays"]), receiver_radius=float(config["rir_receiver_radius"]))
+    room.add_source(source.tolist())
+    room.add_microphone(mic.tolist())
+    room.compute_rir()
+    rir = np.asarray(room.rir[0][0], dtype=np.float64)
+    rir = rir[int(np.argmax(np.abs(rir))):][: int(config["rir_max_seconds"] * sample_rate)]
+    rir = (rir / np.max(np.abs(rir))).astype(np.float32)
+    params = {"rt60": round(rt60, 4), "room_dim": [round(float(d), 3) for d in room_dim],
+              "source": [round(float(v), 3) for v in source], "mic": [round(float(v), 3) for v in mic],
+              "distance": round(float(np.linalg.norm(source - mic)), 3), "absorption": round(float(absorption), 4)}
+    return rir, params
+
+
+@dataclass
+class AudioBank:
+    """Noises or room impulse responses held in memory, with a name (and optional parameters) for each."""
+
+    signals: list[np.ndarray]
+    names: list[str] = field(default_factory=list)
+    params: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = [f"#{i}" for i in range(len(self.signals))]
+        if not self.params:
+            self.params = [{} for _ in self.signals]
+
+    def __len__(self) -> int:
+        return len(self.signals)
+
+    def pick(self, rng: np.random.Generator, what: str) -> tuple[np.ndarray, str, dict]:
+        if not self.signals:
+            raise UserError(f"the {what} bank is empty: cannot apply a {what} degradation")
+        i = int(rng.integers(0, len(self.signals)))
+        return self.signals[i], self.names[i], self.params[i]
+
+
+def load_bank(root_or_files: str | Path | Sequence[str | Path], sample_rate: int, what: str) -> AudioBank:
+    """Every readable, non-silent audio file of a folder (or list) in memory; unusable files are skipped with a warning."""
+    files = resolve_files(root_or_files, what)
+    bank = AudioBank([], [], [])
+    for path in files:
+        audio = _try_load(path, sample_rate)
+        if audio is None:
+            continue
+        if signal_power(audio) == 0.0:
+            log.warning("skipping %s: silent (all samples are zero)", path)
+            continue
+        bank.signals.append(audio)
+        bank.names.append(_display_name(path, root_or_files))
+        bank.params.append({})
+    if not bank.signals:
+        raise UserError(f"no usable {what} audio in {root_or_files}")
+    return bank
+
+
+def simulate_rir_bank(count: int, seed: int, config: dict, sample_rate: int) -> AudioBank:
+    """`count` simulated RIRs, item i drawn from its own generator so the bank is identical for a given seed."""
+    bank = AudioBank([], [], [])
+    for i in range(count):
+        rir, params = simulate_rir(np.random.default_rng([seed, i]), config, sample_rate)
+        bank.signals.append(rir)
+        bank.names.append(f"simulated-{seed}-{i}")
+        bank.params.append(params)
+    return bank
+
+
+def check_degradation_config(config: dict) -> None:
+    """Refuse probabilities that do not form a distribution over CONDITIONS (one-line UserError)."""
+    probs = [config[f"p_{c}"] for c in CONDITIONS]
+    if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+        names = ", ".join(f"p_{c}" for c in CONDITIONS)
+        raise UserError(f"data.degradation: {names} must be >= 0 and sum to 1 (they sum to {sum(probs):g})")
+
+
+def degrade(clean: np.ndarray, rng: np.random.Generator, config: dict, noise_bank: AudioBank | None,
+            rir_bank: AudioBank | None, condition: str | None = None,
+            sample_rate: int = 16000) -> tuple[np.ndarray, dict]:
+    """One random degradation of `clean` (T,) -> ((T,) float32, description).
+
+    `config` is "data.degradation". The condition is drawn with its p_<condition> unless given. The description
+    holds the condition and every parameter drawn (snr_db, noise name, rir name and room, rate, quantile).
+    The output may exceed +-1; see `fit_peak`.
+    """
+    if condition is None:
+        check_degradation_config(config)
+        probs = np.array([config[f"p_{c}"] for c in CONDITIONS], dtype=float)
+        condition = CONDITIONS[int(rng.choice(len(CONDITIONS), p=probs / probs.sum()))]
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r} (expected one of {', '.join(CONDITIONS)})")
+    description: dict[str, Any] = {"condition": condition}
+    x = clean.astype(np.float32)
+    if condition in ("reverb", "mixture"):
+        rir, name, params = (rir_bank or AudioBank([])).pick(rng, "rir")
+        x = reverberate(x, rir)
+        description |= {"rir": name, **params}
+    if condition in ("noise", "mixture"):
+        noise, name, _ = (noise_bank or AudioBank([])).pick(rng, "noise")
+        snr = _uniform(rng, config["snr_db" if condition == "noise" else "mixture_snr_db"])
+        x = add_noise(x, noise, snr, rng)
+        description |= {"noise": name, "snr_db": round(snr, 3)}
+    if condition == "bandlimit":
+        rate = int(rng.choice(config["bandlimit_rates"]))
+        x = band_limit(x, rate, sample_rate)
+        description["rate"] = rate
+    if condition == "clipping":
+        quantile = _uniform(rng, config["clip_quantile"])
+        x = clip(x, quantile)
+        description["quantile"] = round(quantile, 4)
+    return x, description
+
+
+def fit_peak(degraded: np.ndarray, clean: np.ndarray, max_peak: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scale both signals by one gain so that neither peaks above `max_peak` (they stay a consistent pair)."""
+    peak = max(float(np.max(np.abs(degraded), initial=0.0)), float(np.max(np.abs(clean), initial=0.0)))
+    gain = 1.0 if peak <= max_peak else max_peak / peak
+    return (degraded * gain).astype(np.float32), (clean * gain).astype(np.float32), gain
+
+
+# ===================================================================================================== files
+def resolve_files(root_or_files: str | Path | Sequence[str | Path], what: str) -> list[Path]:
+    """A folder (searched recursively for wav/flac/ogg) or an explicit list of files -> list of paths."""
+    if isinstance(root_or_files, (str, Path)):
+        root = Path(root_or_files)
+        if not root.is_dir():
+            raise UserError(f"{what} folder not found: {root}")
+        files = [root / f for f in find_audio_files(root)]
+    else:
+        files = [Path(f) for f in root_or_files]
+    if not files:
+        raise UserError(f"no .wav/.flac/.ogg {what} files in {root_or_files}")
+    return files
+
+
+def _display_name(path: Path, root_or_files: Any) -> str:
+    if isinstance(root_or_files, (str, Path)):
+        try:
+            return str(path.relative_to(root_or_files))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _try_load(path: Path, sample_rate: int) -> np.ndarray | None:
+    """load_audio, or None after a one-line warning naming the file (one bad file must not stop a run)."""
+    try:
+        return load_audio(path, sample_rate)[0]
+    except AudioError as e:
+        log.warning("skipping %s: %s", path, e)
+        return None
+
+
+def _probe_length(path: Path, sample_rate: int) -> int | None:
+    """Length in samples at `sample_rate` from the header alone, or None (with a warning) if unreadable."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
+        log.warning("skipping %s: cannot read audio header (%s)", path, reason)
+        return None
+    if info.frames <= 0:
+        log.warning("skipping %s: empty file (0 samples)", path)
+        return None
+    return int(round(info.frames * sample_rate / info.samplerate))
+
+
+def _to_int16(audio: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(audio, -1.0, 1.0) * _INT16_SCALE).astype(np.int16)
+
+
+def _from_int16(audio: np.ndarray) -> np.ndarray:
+    return audio.astype(np.float32) / _INT16_SCALE
+
+
+def random_offset(length: int, segment_length: int, rng: np.random.Generator) -> int:
+    """Uniform start of a segment_length window inside `length` samples (0 if it does not fit)."""
+    return int(rng.integers(0, length - segment_length + 1)) if length > segment_length else 0
+
+
+def window(audio: np.ndarray, start: int, segment_length: int) -> np.ndarray:
+    """audio[start:start + segment_length], zero-padded at the end to exactly segment_length samples."""
+    part = audio[start:start + segment_length]
+    return np.pad(part, (0, segment_length - part.size)) if part.size < segment_length else part
+
+
+def crop(audio: np.ndarray, segment_length: int | None, rng: np.random.Generator) -> np.ndarray:
+    """A random (segment_length,) window of `audio`, zero-padded at the end if the file is shorter."""
+    if segment_length is None:
+        return audio
+    return window(audio, random_offset(audio.size, segment_length, rng), segment_length)
+
+
+class _FileStore:
+    """Audio files, preloaded as int16 (cache) or read on demand; unreadable files are warned about and skipped.
+
+    Preloading happens in the constructing process, before DataLoader workers fork, so workers share the
+    pages instead of each holding a copy.
+    """
+
+    def __init__(self, files: Sequence[Path], sample_rate: int, cache: bool) -> None:
+        self.sample_rate, self.cache = sample_rate, cache
+        self.files: list[Path] = []
+        self.lengths: list[int] = []
+        self.skipped: list[str] = []
+        self._audio: list[np.ndarray] = []
+        for path in files:
+            if cache:
+                audio = _try_load(path, sample_rate)
+                length = None if audio is None else audio.size
+            else:
+                audio, length = None, _probe_length(path, sample_rate)
+            if length is None:
+                self.skipped.append(str(path))
+                continue
+            self.files.append(path)
+            self.lengths.append(length)
+            if audio is not None:
+                self._audio.append(_to_int16(audio))
+        self._broken: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> np.ndarray | None:
+        """File i as float32, or None if it fails to decode now (warned once per process)."""
+        if self.cache:
+            return _from_int16(self._audio[i])
+        if i in self._broken:
+            return None
+        audio = _try_load(self.files[i], self.sample_rate)
+        if audio is None:
+            self._broken.add(i)
+        return audio
+
+    def load_usable(self, i: int) -> tuple[int, np.ndarray]:
+        """File i, or the next file that loads if i has gone bad since construction."""
+        for step in range(len(self.files)):
+            j = (i + step) % len(self.files)
+            audio = self.load(j)
+            if audio is not None:
+                return j, audio
+        raise RuntimeError("no audio file of the dataset can be decoded any more (see the warnings above)")
+
+
+def _require_files(store: _FileStore, what: str, source: Any) -> None:
+    if not len(store):
+        raise UserError(f"no usable {what} audio in {source} (every file failed to load)")
+
+
+# =================================================================================================== datasets
+class CleanSegmentDataset(Dataset):
+    """Random segments of clean speech, for codec training.
+
+    Item: float32 tensor (segment_length,) (zero-padded if the file is shorter), or the whole file (T,) when
+    segment_length is None (then item i is file i). Segments are drawn from files in proportion to their
+    duration, so an epoch of `len(self)` items covers the corpus about once by default.
+    """
+
+    def __init__(self, root_or_files: str | Path | Sequence[str | Path], segment_length: int | None, seed: int,
+                 sample_rate: int = 16000, segments_per_epoch: int | None = None, cache: bool = True) -> None:
+        """root_or_files: folder searched recursively, or a list of files. segments_per_epoch: default (None)
+        is total samples // segment_length. cache: hold all audio in memory as int16 (~115 MB per hour)."""
+        self.segment_length, self.seed, self.epoch = segment_length, seed, 0
+        self.store = _FileStore(resolve_files(root_or_files, "speech"), sample_rate, cache)
+        _require_files(self.store, "speech", root_or_files)
+        self._cumulative = np.cumsum(np.asarray(self.store.lengths, dtype=np.int64))
+        total = int(self._cumulative[-1])
+        self._length = (len(self.store) if segment_length is None
+                        else segments_per_epoch or max(1, total // segment_length))
+
+    @property
+    def files(self) -> list[Path]:
+        return self.store.files
+
+    @property
+    def skipped(self) -> list[str]:
+        """Files dropped at construction because they could not be read."""
+        return self.store.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new segments for a new epoch (call before the epoch's DataLoader iterator is created)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def segment(self, index: int) -> np.ndarray:
+        """The numpy segment of item `index` (see the class docstring for its shape)."""
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for {self._length} items")
+        rng = np.random.default_rng([self.seed, self.epoch, index, _CROP_STREAM])
+        if self.segment_length is None:
+            file_index = index
+        else:
+            position = int(rng.integers(0, int(self._cumulative[-1])))
+            file_index = int(np.searchsorted(self._cumulative, position, side="right"))
+        _, audio = self.store.load_usable(file_index)
+        return crop(audio, self.segment_length, rng)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.segment(index), dtype=np.float32))
+
+
+class PairedDataset(Dataset):
+    """(degraded, clean) pairs from two folders matched by relative path (the VoiceBank+DEMAND layout).
+
+    Item i: two float32 tensors (segment_length,) cut at the same random offset (zero-padded if shorter), or
+    the whole pair (T,) when segment_length is None. Attributes name what could not be paired:
+    `unmatched_degraded`, `unmatched_clean` (relative paths), `length_mismatched` (trimmed to the shorter),
+    `skipped` (unreadable).
+    """
+
+    def __init__(self, degraded_root: str | Path, clean_root: str | Path, segment_length: int | None, seed: int,
+                 sample_rate: int = 16000, cache: bool = False) -> None:
+        self.segment_length, self.seed, self.epoch, self.sample_rate = segment_length, seed, 0, sample_rate
+        self.degraded_root, self.clean_root = Path(degraded_root), Path(clean_root)
+        degraded = set(_relative_files(self.degraded_root, "degraded"))
+        clean = set(_relative_files(self.clean_root, "clean"))
+        self.unmatched_degraded = sorted(str(p) for p in degraded - clean)
+        self.unmatched_clean = sorted(str(p) for p in clean - degraded)
+        _warn_unmatched(self.unmatched_degraded, "degraded", self.degraded_root, self.clean_root)
+        _warn_unmatched(self.unmatched_clean, "clean", self.clean_root, self.degraded_root)
+        self.names, self.length_mismatched, self.skipped = [], [], []
+        self._degraded = self._clean = None
+        self._pair_up(sorted(degraded & clean), cache)
+
+    @classmethod
+    def voicebank(cls, root: str | Path, split: str, segment_length: int | None, seed: int,
+                  **kwargs: Any) -> "PairedDataset":
+        """The VoiceBank+DEMAND pairs of `split` ("train" or "test") under a resampled download's root."""
+        folders = {"train": ("noisy_trainset_28spk_wav", "clean_trainset_28spk_wav"),
+                   "test": ("noisy_testset_wav", "clean_testset_wav")}
+        if split not in folders:
+            raise UserError(f"VoiceBank+DEMAND split must be 'train' or 'test', got {split!r}")
+        noisy, clean = folders[split]
+        return cls(Path(root) / noisy, Path(root) / clean, segment_length, seed, **kwargs)
+
+    def _pair_up(self, relatives: list[Path], cache: bool) -> None:
+        kept_degraded, kept_clean, lengths = [], [], []
+        for rel in relatives:
+            pair = (self.degraded_root / rel, self.clean_root / rel)
+            probes = [_probe_length(p, self.sample_rate) for p in pair]
+            if None in probes:
+                self.skipped.append(str(rel))
+                continue
+            if probes[0] != probes[1]:
+                self.length_mismatched.append(str(rel))
+                log.warning("pair %s: degraded has %d samples, clean %d; trimming both to %d",
+                            rel, probes[0], probes[1], min(probes))
+            kept_degraded.append(pair[0])
+            kept_clean.append(pair[1])
+            self.names.append(str(rel))
+        self._degraded = _FileStore(kept_degraded, self.sample_rate, cache)
+        self._clean = _FileStore(kept_clean, self.sample_rate, cache)
+        if len(self._degraded) != len(self.names) or len(self._clean) != len(self.names):
+            raise UserError(f"{self.degraded_root}: audio failed to decode while caching (see the warnings above)")
+        if not self.names:
+            raise UserError(f"no pairs matched by relative path between {self.degraded_root} and {self.clean_root}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new segment offsets for a new epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Numpy (degraded, clean) of item `index`."""
+        if not 0 <= index < len(self.names):
+            raise IndexError(f"index {index} out of range for {len(self.names)} pairs")
+        for step in range(len(self.names)):
+            i = (index + step) % len(self.names)
+            degraded, clean = self._degraded.load(i), self._clean.load(i)
+            if degraded is not None and clean is not None:
+                break
+        else:
+            raise RuntimeError("no pair of the dataset can be decoded any more (see the warnings above)")
+        length = min(degraded.size, clean.size)
+        degraded, clean = degraded[:length], clean[:length]
+        if self.segment_length is None:
+            return degraded, clean
+        rng = np.random.default_rng([self.seed, self.epoch, index, _CROP_STREAM])
+        start = random_offset(length, self.segment_length, rng)
+        return window(degraded, start, self.segment_length), window(clean, start, self.segment_length)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        degraded, clean = self.pair(index)
+        return (torch.from_numpy(np.ascontiguousarray(degraded, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(clean, dtype=np.float32)))
+
+
+def _relative_files(root: Path, what: str) -> list[Path]:
+    if not root.is_dir():
+        raise UserError(f"{what} folder not found: {root}")
+    files = find_audio_files(root)
+    if not files:
+        raise UserError(f"no .wav/.flac/.ogg files in the {what} folder {root}")
+    return files
+
+
+def _warn_unmatched(names: list[str], what: str, root: Path, other: Path) -> None:
+    if names:
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        log.warning("%d %s file(s) in %s have no counterpart in %s and are not used: %s",
+                    len(names), what, root, other, shown)
+
+
+class DegradedDataset(Dataset):
+    """Clean speech degraded on the fly (noise / reverb / band-limit / clipping / mixture), for the enhancer.
+
+    Item: (degraded, clean) float32 tensors (segment_length,), or whole files (T,) when segment_length is None.
+    Both are scaled by one gain if either would peak above data.degradation.max_peak. `describe(i)` gives the
+    degradation drawn for item i. Without `rir_root` a bank of data.degradation.rir_bank_size RIRs is simulated
+    here, once, from `seed`.
+    """
+
+    def __init__(self, clean_root_or_files: str | Path | Sequence[str | Path], noise_root: str | Path | Sequence,
+                 rir_root_or_none: str | Path | Sequence | None, config_data: dict, segment_length: int | None,
+                 seed: int, sample_rate: int = 16000, segments_per_epoch: int | None = None,
+                 cache: bool = True) -> None:
+        if "degradation" not in config_data:
+            raise UserError("DegradedDataset needs the config's 'data' section (with its 'degradation' object)")
+        self.config = config_data["degradation"]
+        check_degradation_config(self.config)
+        self.seed, self.sample_rate = seed, sample_rate
+        self.clean = CleanSegmentDataset(clean_root_or_files, segment_length, seed, sample_rate,
+                                         segments_per_epoch, cache)
+        self.noise_bank = load_bank(noise_root, sample_rate, "noise")
+        if rir_root_or_none is None:
+            self.rir_bank = simulate_rir_bank(int(self.config["rir_bank_size"]), seed, self.config, sample_rate)
+        else:
+            self.rir_bank = load_bank(rir_root_or_none, sample_rate, "rir")
+
+    def set_epoch(self, epoch: int) -> None:
+        """New segments and new degradations for a new epoch."""
+        self.clean.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def item(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Numpy (degraded, clean, description) of item `index`."""
+        clean = self.clean.segment(index)
+        rng = np.random.default_rng([self.seed, self.clean.epoch, index, _DEGRADE_STREAM])
+        degraded, description = degrade(clean, rng, self.config, self.noise_bank, self.rir_bank,
+                                        sample_rate=self.sample_rate)
+        degraded, clean, gain = fit_peak(degraded, clean, float(self.config["max_peak"]))
+        description["gain"] = round(gain, 5)
+        return degraded, clean, description
+
+    def describe(self, index: int) -> dict:
+        """The degradation drawn for item `index` (condition and parameters)."""
+        return self.item(index)[2]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        degraded, clean, _ = self.item(index)
+        return torch.from_numpy(degraded), torch.from_numpy(np.ascontiguousarray(clean))

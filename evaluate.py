@@ -1,0 +1,746 @@
+"""Score enhanced speech against clean references: PESQ, STOI, ESTOI, SI-SDR, LSD and DNSMOS.
+
+    python evaluate.py --enhanced_dir E --clean_dir C [--degraded_dir D] [--manifest M.csv]
+                       [--output results.csv] [--workers N] [--figures N] [--figures_dir figures/]
+                       [--no_dnsmos] [--debug]
+
+Files are paired by relative path (E/x/y.wav with C/x/y.wav). When E (and D) hold one sub-folder per
+condition but C is flat, E/<condition>/<name>.wav is paired with C/<name>.wav. A counterpart with another
+audio extension (E/a.wav with C/a.flac) is accepted. The condition of a file comes from --manifest
+(CSV with columns file,condition; `file` relative to E or to C), else from its first folder, else "all".
+
+Writes one CSV row per file (failed files included, with their reason in the `error` column), prints a
+markdown table of means per condition and names every file that could not be scored. Exit code 0 when
+every file was scored, 1 when some were not, 2 for a user error (missing folder, no pairs).
+
+Importable: score_pair, evaluate_dirs, summarise / condition_means / markdown_table, write_csv,
+plot_spectrograms, si_sdr, log_spectral_distance.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pesq as pesq_lib
+import soxr
+from pystoi import stoi as pystoi_stoi
+from speechmos import dnsmos as speechmos_dnsmos
+from tqdm import tqdm
+
+from utils import AUDIO_EXTENSIONS, AudioError, UserError, find_audio_files, load_audio
+
+SAMPLE_RATE = 16000  # PESQ wide-band and DNSMOS are both defined at 16 kHz only.
+LENGTH_TOLERANCE = 0.01  # relative length difference above which trimming is reported
+PESQ_MIN_SECONDS = 0.25  # the P.862 implementation refuses shorter buffers
+
+# Log-spectral distance / spectrogram settings (see log_spectral_distance for the definition).
+LSD_N_FFT = 512
+LSD_HOP = 256
+POWER_FLOOR = 1e-8  # |X|^2 floor: keeps digital silence finite; ~-90 dB below a full-scale Hann frame
+SI_SDR_CAP = 1e-12  # noise energy floor relative to target energy: caps SI-SDR at 120 dB for identical signals
+
+# Column name -> (table header, decimals). The order here is the column order of the CSV and the table.
+METRICS: dict[str, tuple[str, int]] = {
+    "pesq": ("PESQ", 2),
+    "stoi": ("STOI", 3),
+    "estoi": ("ESTOI", 3),
+    "si_sdr": ("SI-SDR", 2),
+    "lsd": ("LSD", 2),
+    "dnsmos_sig": ("SIG", 2),
+    "dnsmos_bak": ("BAK", 2),
+    "dnsmos_ovrl": ("OVRL", 2),
+}
+DEGRADED_PREFIX = "degraded_"
+
+
+class MetricError(ValueError):
+    """A pair that cannot be scored (silent reference, too short, ...); the message is the reason."""
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al., 2019).
+
+    Both signals are made zero-mean; the target is the projection of the estimate on the reference,
+    alpha * reference with alpha = <estimate, reference> / ||reference||^2, and
+    SI-SDR = 10 log10(||target||^2 / ||estimate - target||^2). The noise energy is floored at 1e-12 of the
+    target energy so that identical signals give a finite 120 dB instead of infinity.
+    """
+    est = np.asarray(estimate, dtype=np.float64) - np.mean(estimate)
+    ref = np.asarray(reference, dtype=np.float64) - np.mean(reference)
+    ref_energy = float(np.dot(ref, ref))
+    if ref_energy == 0.0:
+        raise MetricError("SI-SDR is undefined for a constant reference")
+    target = (np.dot(est, ref) / ref_energy) * ref
+    target_energy = float(np.dot(target, target))
+    noise = est - target
+    noise_energy = float(np.dot(noise, noise))
+    if target_energy == 0.0:
+        return -math.inf  # estimate orthogonal to the reference (e.g. all zeros): none of it is present
+    return 10.0 * math.log10(target_energy / (noise_energy + SI_SDR_CAP * target_energy))
+
+
+def power_spectrogram(audio: np.ndarray, n_fft: int = LSD_N_FFT, hop: int = LSD_HOP) -> np.ndarray:
+    """|STFT|^2 with a periodic Hann window, frames of n_fft every hop samples, no centring: (frames, bins).
+
+    A signal shorter than one frame is zero-padded to one frame; trailing samples that do not fill a frame
+    are zero-padded into a last frame so the whole signal is covered.
+    """
+    x = np.asarray(audio, dtype=np.float64).reshape(-1)
+    frames = 1 + max(0, math.ceil((len(x) - n_fft) / hop))
+    x = np.pad(x, (0, (frames - 1) * hop + n_fft - len(x)))
+    index = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)
+    return np.abs(np.fft.rfft(x[index] * window, axis=1)) ** 2
+
+
+def log_spectral_distance(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Log-spectral distance in dB (lower is better, 0 for identical signals).
+
+    With P_r and P_e the power spectrograms of reference and estimate (STFT of 512 samples = 32 ms at
+    16 kHz, hop 256, periodic Hann window, no centring, all 257 bins from 0 Hz to Nyquist) and a floor
+    eps = 1e-8 added to every power value:
+
+        LSD = mean over frames t of sqrt( mean over bins f of (10 log10((P_r[t,f] + eps) / (P_e[t,f] + eps)))^2 )
+
+    i.e. the mean over frames of the RMS over frequency of the dB difference. The floor makes bins that are
+    silent in both signals count as equal rather than undefined. Signals must have the same length.
+    """
+    if len(estimate) != len(reference):
+        raise ValueError(f"lengths differ: {len(estimate)} vs {len(reference)}")
+    ref_db = 10.0 * np.log10(power_spectrogram(reference) + POWER_FLOOR)
+    est_db = 10.0 * np.log10(power_spectrogram(estimate) + POWER_FLOOR)
+    return float(np.mean(np.sqrt(np.mean((ref_db - est_db) ** 2, axis=1))))
+
+
+def _pesq_wb(clean: np.ndarray, estimate: np.ndarray) -> float:
+    """Wide-band PESQ (ITU-T P.862.2) at 16 kHz, with the library's errors turned into one-line reasons."""
+    try:
+        return float(pesq_lib.pesq(SAMPLE_RATE, clean, estimate, "wb"))
+    except pesq_lib.NoUtterancesError:
+        raise MetricError("PESQ found no speech in the reference (no utterances detected)") from None
+    except pesq_lib.BufferTooShortError:
+        raise MetricError(f"too short for PESQ (needs at least {PESQ_MIN_SECONDS} s)") from None
+    except pesq_lib.PesqError as e:
+        raise MetricError(f"PESQ failed ({_decode(e)})") from None
+
+
+def _decode(error: Exception) -> str:
+    """The pesq C extension puts bytes in its exception arguments; show them as text."""
+    arg = error.args[0] if error.args else type(error).__name__
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
+def _stoi(clean: np.ndarray, estimate: np.ndarray, extended: bool) -> float:
+    """pystoi's STOI/ESTOI. pystoi only warns and returns 1e-5 when fewer than 30 non-silent frames remain;
+    that number would silently drag the means down, so it becomes a failure with a reason instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = float(pystoi_stoi(clean, estimate, SAMPLE_RATE, extended=extended))
+    if any("Not enough STFT frames" in str(w.message) for w in caught):
+        raise MetricError("too little non-silent speech for STOI (needs 30 frames, about 0.4 s)")
+    return value
+
+
+# -------------------------------------------------------------------------------------------------- DNSMOS
+_DNSMOS_MODEL: speechmos_dnsmos.DNSMOS | None = None
+_DNSMOS_THREADS = 0  # onnxruntime intra-op threads for the model of this process; 0 = library default
+
+
+def dnsmos_model_paths() -> tuple[Path, Path]:
+    """The DNSMOS P.835 (SIG/BAK/OVRL) and P.808 ONNX models bundled inside the speechmos wheel."""
+    folder = Path(speechmos_dnsmos.__file__).resolve().parent / "dnsmos_models"
+    primary, p808 = folder / "sig_bak_ovr.onnx", folder / "model_v8.onnx"
+    for path in (primary, p808):
+        if not path.is_file():
+            raise UserError(f"DNSMOS model missing from the speechmos package: {path} (reinstall speechmos)")
+    return primary, p808
+
+
+class _LocalDNSMOS(speechmos_dnsmos.DNSMOS):
+    """speechmos's DNSMOS scorer, built from the bundled model files with a chosen thread count.
+
+    speechmos.dnsmos.run() keeps one model per process too, but lets onnxruntime use every core; with one
+    worker process per core that oversubscribes the CPU, so each worker's sessions get their share instead.
+    Scoring (__call__: 9.01 s windows, 1 s hop, polynomial calibration) is speechmos's own.
+    """
+
+    def __init__(self, primary: Path, p808: Path, threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self.primary_model_path = str(primary)
+        self.onnx_sess = ort.InferenceSession(str(primary), sess_options=options, providers=providers)
+        self.p808_onnx_sess = ort.InferenceSession(str(p808), sess_options=options, providers=providers)
+
+
+def dnsmos_model() -> speechmos_dnsmos.DNSMOS:
+    """This process's DNSMOS model, loaded on first use and then reused for every file."""
+    global _DNSMOS_MODEL
+    if _DNSMOS_MODEL is None:
+        _DNSMOS_MODEL = _LocalDNSMOS(*dnsmos_model_paths(), threads=_DNSMOS_THREADS)
+    return _DNSMOS_MODEL
+
+
+def dnsmos_scores(audio: np.ndarray) -> dict[str, float]:
+    """DNSMOS P.835 SIG, BAK and OVRL (1..5, non-intrusive) of a 16 kHz signal."""
+    # speechmos refuses samples outside [-1, 1] (possible in float wav files); clipping is what playback does.
+    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    result = dnsmos_model()(clipped, SAMPLE_RATE, False)
+    return {
+        "dnsmos_sig": float(result["sig_mos"]),
+        "dnsmos_bak": float(result["bak_mos"]),
+        "dnsmos_ovrl": float(result["ovrl_mos"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- one pair
+def _mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    x = np.asarray(audio, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected a mono 1-D signal, got shape {x.shape}")
+    if sample_rate != SAMPLE_RATE:
+        x = soxr.resample(x, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+def _trim_to_shorter(estimate: np.ndarray, clean: np.ndarray, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut both signals to the shorter length; a difference above 1% is worth telling the user about,
+    because it usually means the enhancer dropped or added audio rather than rounding frames."""
+    n_est, n_ref = len(estimate), len(clean)
+    if n_est != n_ref:
+        difference = abs(n_est - n_ref) / max(n_est, n_ref)
+        if difference > LENGTH_TOLERANCE and notes is not None:
+            notes.append(
+                f"lengths differ by {100 * difference:.1f}% ({n_est} vs clean {n_ref} samples); "
+                "both trimmed to the shorter"
+            )
+        n = min(n_est, n_ref)
+        estimate, clean = estimate[:n], clean[:n]
+    return estimate, clean
+
+
+def score_pair(
+    enhanced: np.ndarray,
+    clean: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    dnsmos: bool = True,
+    notes: list[str] | None = None,
+) -> dict[str, float]:
+    """All metrics of one enhanced (or degraded) signal against its clean reference.
+
+    Signals are mono float arrays at `sample_rate` (resampled to 16 kHz if needed) and are trimmed to the
+    shorter of the two (a note is appended to `notes` when they differ by more than 1%). Returns
+    {"pesq", "stoi", "estoi", "si_sdr", "lsd"} plus {"dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"} when
+    `dnsmos`. Raises MetricError with a one-line reason for a pair that cannot be scored.
+    """
+    estimate, reference = _trim_to_shorter(_mono_16k(enhanced, sample_rate), _mono_16k(clean, sample_rate), notes)
+    seconds = len(reference) / SAMPLE_RATE
+    if seconds < PESQ_MIN_SECONDS:
+        raise MetricError(f"too short for PESQ ({seconds:.3f} s; needs at least {PESQ_MIN_SECONDS} s)")
+    if not np.any(reference):
+        raise MetricError("silent reference (all zeros): PESQ, STOI and SI-SDR are undefined")
+    if not np.any(estimate):
+        # pesq divides by the joint peak and then fails on NaN; say what is actually wrong.
+        raise MetricError("silent signal (all zeros): PESQ is undefined")
+    scores = {
+        "pesq": _pesq_wb(reference, estimate),
+        "stoi": _stoi(reference, estimate, extended=False),
+        "estoi": _stoi(reference, estimate, extended=True),
+        "si_sdr": si_sdr(estimate, reference),
+        "lsd": log_spectral_distance(estimate, reference),
+    }
+    if dnsmos:
+        scores.update(dnsmos_scores(estimate))
+    bad = [name for name, value in scores.items() if not math.isfinite(value)]
+    if bad:
+        raise MetricError(f"{', '.join(bad)} not finite")
+    return scores
+
+
+# ----------------------------------------------------------------------------------------- pairing files
+@dataclass(frozen=True)
+class Job:
+    """One enhanced file and what it is compared with; `error` is set when pairing already failed."""
+
+    file: str  # path relative to the enhanced folder, posix style, as written to the CSV
+    condition: str
+    enhanced: Path
+    clean: Path | None
+    degraded: Path | None
+    want_degraded: bool
+    error: str = ""
+
+
+def _counterpart(root: Path, rel: Path) -> Path | None:
+    """root/rel, or the same path with another audio extension (enhancers often write wav for flac input)."""
+    exact = root / rel
+    if exact.is_file():
+        return exact
+    for extension in AUDIO_EXTENSIONS:
+        candidate = (root / rel).with_suffix(extension)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _counterpart_or_flat(root: Path, rel: Path) -> Path | None:
+    """Same relative path, else (for E/<condition>/<rel> layouts) the path without its first folder."""
+    found = _counterpart(root, rel)
+    if found is None and len(rel.parts) > 1:
+        found = _counterpart(root, Path(*rel.parts[1:]))
+    return found
+
+
+def _manifest_key(path: str | Path) -> str:
+    """Manifest lookup key: posix relative path without extension, so a.wav matches a.flac."""
+    return Path(path).with_suffix("").as_posix()
+
+
+def read_manifest(path: str | Path) -> dict[str, str]:
+    """{relative path without extension: condition} from a CSV with at least columns file and condition."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    conditions: dict[str, str] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "file" not in columns or "condition" not in columns:
+            raise UserError(f"manifest {path} needs columns 'file' and 'condition' (has {', '.join(columns)})")
+        for line, record in enumerate(reader, start=2):
+            name, condition = (record.get("file") or "").strip(), (record.get("condition") or "").strip()
+            if not name or not condition:
+                raise UserError(f"manifest {path} line {line}: empty file or condition")
+            key = _manifest_key(name)
+            if conditions.get(key, condition) != condition:
+                raise UserError(f"manifest {path} gives {name} two conditions ({conditions[key]}, {condition})")
+            conditions[key] = condition
+    return conditions
+
+
+def build_jobs(
+    enhanced_dir: str | Path,
+    clean_dir: str | Path,
+    degraded_dir: str | Path | None = None,
+    manifest: Mapping[str, str] | None = None,
+) -> tuple[list[Job], int]:
+    """Pair every audio file under enhanced_dir with its clean (and degraded) counterpart.
+
+    Returns (jobs, number of jobs whose condition was not in the manifest). Files without a clean
+    counterpart become jobs with an error, so they are reported like other failures. Raises UserError for
+    missing folders or when no file has a counterpart at all.
+    """
+    enhanced_root, clean_root = Path(enhanced_dir), Path(clean_dir)
+    degraded_root = Path(degraded_dir) if degraded_dir is not None else None
+    for role, folder in (("enhanced", enhanced_root), ("clean", clean_root), ("degraded", degraded_root)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{role} folder not found: {folder}")
+    files = find_audio_files(enhanced_root)
+    if not files:
+        raise UserError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {enhanced_root}")
+
+    jobs: list[Job] = []
+    not_in_manifest = 0
+    for rel in files:
+        clean = _counterpart_or_flat(clean_root, rel)
+        degraded = _counterpart_or_flat(degraded_root, rel) if degraded_root is not None else None
+        condition = rel.parts[0] if len(rel.parts) > 1 else "all"
+        if manifest is not None:
+            keys = [_manifest_key(rel)]
+            if clean is not None:
+                keys.append(_manifest_key(clean.relative_to(clean_root)))
+            listed = next((manifest[k] for k in keys if k in manifest), None)
+            if listed is None:
+                not_in_manifest += 1
+            else:
+                condition = listed
+        error = ""
+        if clean is None:
+            error = f"no clean counterpart in {clean_root}"
+        elif degraded_root is not None and degraded is None:
+            error = f"no degraded counterpart in {degraded_root}"
+        jobs.append(Job(rel.as_posix(), condition, enhanced_root / rel, clean, degraded, degraded_root is not None, error))
+
+    if all(job.clean is None for job in jobs):
+        raise UserError(
+            f"no pairs found: none of the {len(jobs)} audio files in {enhanced_root} has a counterpart in "
+            f"{clean_root} (same relative path, or the path without its first folder)"
+        )
+    return jobs, not_in_manifest
+
+
+# ------------------------------------------------------------------------------------------- scoring jobs
+def _load(path: Path, role: str) -> tuple[np.ndarray, list[str]]:
+    try:
+        audio, notes = load_audio(path, SAMPLE_RATE)
+    except AudioError as e:
+        # The row already names the enhanced file; a clean/degraded counterpart may have another name.
+        where = "" if role == "enhanced" else f" {path}"
+        raise MetricError(f"{role} file{where}: {e}") from None
+    return audio, [f"{role}: {note}" for note in notes]
+
+
+def score_job(job: Job, dnsmos: bool = True, debug: bool = False) -> dict:
+    """CSV row of one job: file, condition, metrics (degraded ones prefixed), notes, error.
+
+    Never raises for a bad file: the reason goes into row["error"] so one file cannot stop a long run.
+    """
+    row: dict = {"file": job.file, "condition": job.condition}
+    notes: list[str] = []
+    try:
+        if job.error:
+            raise MetricError(job.error)
+        assert job.clean is not None
+        enhanced, more = _load(job.enhanced, "enhanced")
+        notes += more
+        clean, more = _load(job.clean, "clean")
+        notes += more
+        row.update(score_pair(enhanced, clean, dnsmos=dnsmos, notes=notes))
+        if job.want_degraded:
+            assert job.degraded is not None
+            degraded, more = _load(job.degraded, "degraded")
+            notes += more
+            degraded_notes: list[str] = []
+            try:
+                scores = score_pair(degraded, clean, dnsmos=dnsmos, notes=degraded_notes)
+            except MetricError as e:
+                raise MetricError(f"degraded input: {e}") from None
+            notes += [f"degraded input: {note}" for note in degraded_notes]
+            row.update({DEGRADED_PREFIX + name: value for name, value in scores.items()})
+        error = ""
+    except MetricError as e:
+        error = str(e)
+    except Exception as e:  # a bug or library failure on one file must not lose the other results
+        error = f"internal error ({type(e).__name__}: {e})"
+        if debug:
+            notes.append(traceback.format_exc())
+    if error:
+        row = {"file": job.file, "condition": job.condition}
+    row["notes"] = "; ".join(notes)
+    row["error"] = error
+    return row
+
+
+def _init_worker(dnsmos: bool, threads: int) -> None:
+    """Worker start-up: set the ONNX thread share and load DNSMOS once, before the first file."""
+    global _DNSMOS_THREADS
+    _DNSMOS_THREADS = threads
+    if dnsmos:
+        dnsmos_model()
+
+
+def evaluate_dirs(
+    enhanced_dir: str | Path,
+    clean_dir: str | Path,
+    degraded_dir: str | Path | None = None,
+    manifest: str | Path | Mapping[str, str] | None = None,
+    workers: int | None = None,
+    dnsmos: bool = True,
+    progress: bool = True,
+    debug: bool = False,
+) -> list[dict]:
+    """Score every enhanced file; rows sorted by file, failed ones with a non-empty "error".
+
+    `manifest` is a CSV path or an already-read {relative path: condition} mapping. `workers` processes
+    (default: CPU count) each load DNSMOS once; with one worker everything runs in this process.
+    """
+    if isinstance(manifest, (str, Path)):
+        manifest = read_manifest(manifest)
+    jobs, _ = build_jobs(enhanced_dir, clean_dir, degraded_dir, manifest)
+    return score_jobs(jobs, workers=workers, dnsmos=dnsmos, progress=progress, debug=debug)
+
+
+def score_jobs(
+    jobs: Sequence[Job], workers: int | None = None, dnsmos: bool = True, progress: bool = True, debug: bool = False
+) -> list[dict]:
+    """Run score_job over `jobs` in worker processes with a progress bar; rows in the order of `jobs`."""
+    if dnsmos:
+        dnsmos_model_paths()  # fail once, here, rather than in every worker
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(workers or cpus, len(jobs)))
+    bar = tqdm(total=len(jobs), unit="file", desc="scoring", disable=not progress, file=sys.stderr)
+    rows: dict[str, dict] = {}
+    try:
+        if workers == 1:
+            for job in jobs:
+                rows[job.file] = score_job(job, dnsmos, debug)
+                bar.update()
+        else:
+            threads = max(1, cpus // workers)
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dnsmos, threads)) as pool:
+                futures = {pool.submit(score_job, job, dnsmos, debug): job for job in jobs}
+                try:
+                    for future in as_completed(futures):
+                        rows[futures[future].file] = future.result()
+                        bar.update()
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    return [rows[job.file] for job in jobs]
+
+
+# ------------------------------------------------------------------------------------------------- output
+def metric_columns(rows: Iterable[Mapping]) -> list[str]:
+    """Metric columns present in `rows`: enhanced ones in METRICS order, then their degraded_ versions."""
+    present = set().union(*(row.keys() for row in rows))
+    own = [name for name in METRICS if name in present]
+    return own + [DEGRADED_PREFIX + name for name in METRICS if DEGRADED_PREFIX + name in present]
+
+
+def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
+    """Write rows atomically (temporary file in the same folder, then rename): a crash never leaves half a CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["file", "condition", *metric_columns(rows), "notes", "error"]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
+            writer.writeheader()
+            writer.writerows(rows)  # floats keep full precision (repr), so re-reading gives the same numbers
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def condition_means(rows: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+    """{condition: {"n": count, metric: mean, ...}} over scored rows, conditions in first-seen order, plus
+    an overall row "all" (named "all files" if a condition is itself called "all"). Failed rows are left
+    out; a metric missing or infinite in a row is left out of that metric's mean only."""
+    scored = [row for row in rows if not row.get("error")]
+    columns = metric_columns(scored)
+    groups: dict[str, list[Mapping]] = {}
+    for row in scored:
+        groups.setdefault(str(row["condition"]), []).append(row)
+    if len(groups) != 1 or "all" not in groups:
+        groups["all files" if "all" in groups else "all"] = scored
+
+    def mean(members: list[Mapping], column: str) -> float:
+        values = [float(r[column]) for r in members if r.get(column) not in (None, "")]
+        values = [v for v in values if math.isfinite(v)]
+        return float(np.mean(values)) if values else math.nan
+
+    return {
+        name: {"n": float(len(members)), **{column: mean(members, column) for column in columns}}
+        for name, members in groups.items()
+        if members
+    }
+
+
+def markdown_table(means: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table of condition_means() output. When degraded_ columns are present each cell reads
+    "degraded → enhanced" so the improvement is visible beside the enhanced score."""
+    if not means:
+        return "(no file could be scored)"
+    columns = [c for c in metric_columns(means.values()) if not c.startswith(DEGRADED_PREFIX)]
+    with_degraded = any(DEGRADED_PREFIX + c in m for m in means.values() for c in columns)
+
+    def cell(value: float | None, decimals: int) -> str:
+        return "–" if value is None or not math.isfinite(value) else f"{value:.{decimals}f}"
+
+    header = ["condition", "n"] + [METRICS[c][0] + (" (dB)" if c in ("si_sdr", "lsd") else "") for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for name, values in means.items():
+        cells = [name, str(int(values["n"]))]
+        for column in columns:
+            decimals = METRICS[column][1]
+            text = cell(values.get(column), decimals)
+            if with_degraded:
+                text = f"{cell(values.get(DEGRADED_PREFIX + column), decimals)} → {text}"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    if with_degraded:
+        lines.append("")
+        lines.append("Cells: degraded input → enhanced output (means over scored files).")
+    return "\n".join(lines)
+
+
+def summarise(rows: Sequence[Mapping]) -> str:
+    """Markdown table of per-condition means of evaluate_dirs() rows (failed rows excluded)."""
+    return markdown_table(condition_means(rows))
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def plot_spectrograms(
+    paths_or_arrays: Sequence[str | Path | np.ndarray],
+    titles: Sequence[str],
+    out_png: str | Path,
+    sample_rate: int = SAMPLE_RATE,
+    suptitle: str | None = None,
+    dynamic_range_db: float = 80.0,
+) -> Path:
+    """Stacked log-magnitude spectrograms (one panel per signal, top to bottom) on one colour scale.
+
+    Inputs are audio paths (read with utils.load_audio at `sample_rate`) or mono arrays at `sample_rate`;
+    they are trimmed to the shortest so the time axes line up. The scale runs from the loudest bin of all
+    panels down `dynamic_range_db`, so a noisier or duller panel really looks noisier or duller. Uses the
+    Agg canvas directly (no pyplot, no display needed). Returns the PNG path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if len(paths_or_arrays) != len(titles) or not titles:
+        raise ValueError("need one title per signal and at least one signal")
+    signals = [
+        load_audio(item, sample_rate)[0] if isinstance(item, (str, Path)) else np.asarray(item, np.float32).reshape(-1)
+        for item in paths_or_arrays
+    ]
+    length = min(len(s) for s in signals)
+    n_fft, hop = 512, 128  # finer hop than LSD: smoother pictures of onsets
+    spectra = [10.0 * np.log10(power_spectrogram(s[:length], n_fft, hop).T + POWER_FLOOR) for s in signals]
+    top = max(float(s.max()) for s in spectra)
+    extent = (0.0, length / sample_rate, 0.0, sample_rate / 2000.0)
+
+    figure = Figure(figsize=(10, 2.4 * len(signals) + (0.4 if suptitle else 0.0)), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(signals), 1, sharex=True, squeeze=False)[:, 0]
+    image = None
+    for ax, spectrum, title in zip(axes, spectra, titles):
+        image = ax.imshow(spectrum, origin="lower", aspect="auto", extent=extent, cmap="magma",
+                          vmin=top - dynamic_range_db, vmax=top, interpolation="nearest")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylabel("frequency (kHz)")
+    axes[-1].set_xlabel("time (s)")
+    figure.colorbar(image, ax=list(axes), label="magnitude (dB)", pad=0.01)
+    if suptitle:
+        figure.suptitle(suptitle, fontsize=11)
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, out_png)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_png
+
+
+def _pick_for_figures(rows: Sequence[Mapping], count: int) -> list[Mapping]:
+    """Up to `count` scored rows, taken round-robin over conditions so every condition gets shown."""
+    by_condition: dict[str, list[Mapping]] = {}
+    for row in rows:
+        if not row.get("error"):
+            by_condition.setdefault(str(row["condition"]), []).append(row)
+    picked: list[Mapping] = []
+    queues = [list(members) for members in by_condition.values()]
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def write_figures(rows: Sequence[Mapping], jobs: Sequence[Job], count: int, folder: str | Path) -> list[Path]:
+    """Spectrogram PNGs (degraded / enhanced / clean) for `count` scored files, named after the file."""
+    by_file = {job.file: job for job in jobs}
+    written = []
+    for row in _pick_for_figures(rows, count):
+        job = by_file[row["file"]]
+        assert job.clean is not None
+        signals: list[Path] = []
+        titles: list[str] = []
+        if job.degraded is not None:
+            signals.append(job.degraded)
+            titles.append(f"degraded input: PESQ {row['degraded_pesq']:.2f}, ESTOI {row['degraded_estoi']:.3f}")
+        signals += [job.enhanced, job.clean]
+        titles += [f"enhanced: PESQ {row['pesq']:.2f}, ESTOI {row['estoi']:.3f}", "clean reference"]
+        name = job.file.replace("/", "__").rsplit(".", 1)[0] + ".png"
+        written.append(plot_spectrograms(signals, titles, Path(folder) / name,
+                                         suptitle=f"{job.file} ({job.condition})"))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _grouped_notes(rows: Sequence[Mapping]) -> list[str]:
+    """One line per distinct note; a note shared by many files (e.g. resampling) is printed once with a count."""
+    files_by_note: dict[str, list[str]] = {}
+    for row in rows:
+        for note in filter(None, str(row.get("notes", "")).split("; ")):
+            files_by_note.setdefault(note, []).append(row["file"])
+    lines = []
+    for note, files in files_by_note.items():
+        where = files[0] if len(files) == 1 else f"{files[0]} and {len(files) - 1} more"
+        lines.append(f"note: {where}: {note}")
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--enhanced_dir", required=True, help="folder of enhanced files (may hold condition sub-folders)")
+    parser.add_argument("--clean_dir", required=True, help="folder of clean references")
+    parser.add_argument("--degraded_dir", help="folder of the degraded inputs, scored too for comparison")
+    parser.add_argument("--manifest", help="CSV with columns file,condition giving each file's condition")
+    parser.add_argument("--output", default="results.csv", help="per-file CSV (default: results.csv)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPU count)")
+    parser.add_argument("--figures", type=int, default=0, help="write this many spectrogram comparison PNGs")
+    parser.add_argument("--figures_dir", default="figures", help="folder for --figures (default: figures/)")
+    parser.add_argument("--no_dnsmos", action="store_true", help="skip DNSMOS (the slowest metric)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI's work; returns the exit code (0 all scored, 1 some failed). Raises UserError."""
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.figures < 0:
+        raise UserError(f"--figures must be 0 or more, got {args.figures}")
+    manifest = read_manifest(args.manifest) if args.manifest else None
+    jobs, not_in_manifest = build_jobs(args.enhanced_dir, args.clean_dir, args.degraded_dir, manifest)
+    if not_in_manifest:
+        print(f"note: files not in the manifest: {not_in_manifest} (condition taken from their folder)",
+              file=sys.stderr)
+    rows = score_jobs(jobs, workers=args.workers, dnsmos=not args.no_dnsmos, debug=args.debug)
+    write_csv(rows, args.output)
+
+    for line in _grouped_notes(rows):
+        print(line, file=sys.stderr)
+    print(summarise(rows))
+    failed = [row for row in rows if row["error"]]
+    if failed:
+        print()
+        for row in failed:
+            print(f"cannot score {row['file']}: {row['error']}")
+        print(f"{len(failed)} of {len(rows)} files could not be scored and are left out of the means")
+    print(f"per-file results: {args.output}")
+    if args.figures:
+        for path in write_figures(rows, jobs, args.figures, args.figures_dir):
+            print(f"figure: {path}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Enhance a folder of recordings with ParaGSE (or the serial baseline), or re-synthesise it through the codec.
+
+    python inference.py --input_dir noisy/ --output_dir enhanced/ [--checkpoint model.pt] [--device auto]
+    python inference.py --codec_only --input_dir clean/ --output_dir resynth/ --checkpoint codec.pt
+
+Reads wav/flac/ogg of any rate, bit depth and channel count; writes 16 kHz PCM-16 wav of the input's duration
+under the same relative path. Existing outputs are kept (so an interrupted run resumes) unless --overwrite.
+Exit code: 0 all done, 1 some files failed, 2 a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import load_enhancer
+from models.codec import Codec
+from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, padded_length, resolve_device,
+                   save_audio)
+
+DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
+DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
+
+
+@dataclass
+class Result:
+    audio: np.ndarray  # (samples,) float32 at the model's sample rate
+    tokens: np.ndarray | None  # (streams, frames) predicted tokens, stitched across windows
+    notes: list[str]
+
+
+class Enhancer:
+    """Codec + optional token predictor, applied to whole recordings in cross-faded windows.
+
+    Windows are token-aligned and all the same length (the last one may be up to one token frame longer), so a
+    recording of any length runs in bounded memory, full windows can be batched, and a recording shorter than one
+    window is processed exactly as a whole.
+    """
+
+    def __init__(self, codec: Codec, predictor: torch.nn.Module | None, device: torch.device,
+                 window_seconds: float, overlap_seconds: float, batch_size: int = 1):
+        self.codec = codec.to(device).eval()
+        self.predictor = predictor.to(device).eval() if predictor is not None else None
+        self.device, self.batch_size = device, batch_size
+        self.sample_rate = codec.sample_rate
+        self.frame = codec.hop_length * codec.downsample  # samples per token frame
+        self.window = self._align(window_seconds)
+        self.overlap = self._align(overlap_seconds)
+        if self.overlap >= self.window:
+            raise UserError("inference.overlap_seconds must be shorter than inference.window_seconds")
+
+    def _align(self, seconds: float) -> int:
+        return max(1, round(seconds * self.sample_rate / self.frame)) * self.frame
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device, codec_only: bool = False,
+                        batch_size: int = 1) -> "Enhancer":
+        if codec_only:
+            codec, predictor = Codec.load(path), None
+            config = codec.config
+        else:
+            predictor, codec = load_enhancer(path)
+            config = predictor.config
+        inf = config["inference"]
+        return cls(codec, predictor, device, inf["window_seconds"], inf["overlap_seconds"], batch_size)
+
+    @torch.inference_mode()
+    def _run(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, samples) -> (enhanced (batch, samples), tokens (batch, streams, frames))."""
+        padded = self.codec.pad(segments)
+        degraded_tokens = self.codec.encode(padded)
+        tokens = degraded_tokens if self.predictor is None else self.predictor.predict_tokens(padded, degraded_tokens)
+        return self.codec.decode(tokens, segments.shape[-1]), tokens
+
+    def window_starts(self, length: int) -> list[int]:
+        if length <= self.window:
+            return [0]
+        hop = self.window - self.overlap
+        starts = list(range(0, length - self.window + 1, hop))
+        last = (length - self.window) // self.frame * self.frame
+        if last > starts[-1]:
+            starts.append(last)
+        return starts
+
+    def __call__(self, audio: np.ndarray) -> Result:
+        length = audio.shape[0]
+        notes: list[str] = []
+        if not np.any(audio):
+            return Result(np.zeros_like(audio), None, ["input is silent: wrote silence"])
+        wav = torch.from_numpy(audio).to(self.device)
+        starts = self.window_starts(length)
+        ends = [s + self.window for s in starts[:-1]] + [length]
+        output = torch.zeros(length, device=self.device)
+        weight = torch.zeros(length, device=self.device)
+        token_frames = (padded_length(length, self.codec.hop_length, self.codec.downsample)
+                        + self.codec.hop_length) // self.frame
+        streams = self.codec.num_streams
+        tokens = torch.zeros(streams, token_frames, dtype=torch.long, device=self.device)
+        ramp = torch.linspace(0, 1, self.overlap + 2, device=self.device)[1:-1]
+        # Batch windows of equal length; the (possibly longer) last one runs on its own.
+        full = list(range(len(starts) - 1))
+        batches = [full[i : i + self.batch_size] for i in range(0, len(full), self.batch_size)] + [[len(starts) - 1]]
+        for batch in batches:
+            segments = torch.stack([wav[starts[i] : ends[i]] for i in batch])
+            enhanced, window_tokens = self._run(segments)
+            for row, i in enumerate(batch):
+                piece = enhanced[row]
+                w = torch.ones_like(piece)
+                if i > 0:  # cross-fade in over the overlap with the previous window
+                    w[: self.overlap] = ramp
+                if i < len(starts) - 1:  # and out over the overlap with the next one
+                    w[-self.overlap :] = torch.minimum(w[-self.overlap :], ramp.flip(0))
+                output[starts[i] : ends[i]] += w * piece
+                weight[starts[i] : ends[i]] += w
+                first = starts[i] // self.frame + (self.overlap // self.frame // 2 if i > 0 else 0)
+                available = window_tokens.shape[-1] - (first - starts[i] // self.frame)
+                count = min(available, token_frames - first)
+                tokens[:, first : first + count] = window_tokens[row, :, -available:][:, :count]
+        output = output / weight.clamp_min(1e-8)
+        if float(output.abs().max()) > 1.0:
+            notes.append("output limited to full scale")
+        return Result(output.cpu().numpy(), tokens.cpu().numpy(), notes)
+
+
+# ----------------------------------------------------------------------------------------------- folder job
+def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs; refuses layouts where an output could land on an input."""
+    in_root, out_root = input_dir.resolve(), output_dir.resolve()
+    inputs = [p for p in find_audio_files(in_root) if not (in_root / p).resolve().is_relative_to(out_root)]
+    if not inputs:
+        raise UserError(f"no .wav/.flac/.ogg files under {input_dir}")
+    wanted = [p.with_suffix(".wav") for p in inputs]
+    clashes = {w for w in wanted if wanted.count(w) > 1}
+    # a.wav and a.flac side by side: keep the source extension in the name rather than overwrite one with the other.
+    outputs = [Path(f"{p}.wav") if w in clashes and p.suffix.lower() != ".wav" else w for p, w in zip(inputs, wanted)]
+    input_set = {(in_root / p).resolve() for p in inputs}
+    for out in outputs:
+        if (out_root / out).resolve() in input_set:
+            raise UserError(f"output {output_dir / out} would overwrite an input; choose an --output_dir outside "
+                            f"{input_dir}")
+    return [(in_root / i, out_root / o) for i, o in zip(inputs, outputs)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_dir", help="folder of degraded recordings (searched recursively)")
+    p.add_argument("--test_noise_wav", dest="input_dir_alias", help="same as --input_dir")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--checkpoint", help=f"enhancer checkpoint (default: {DEFAULT_ENHANCER.relative_to(REPO_ROOT)})")
+    p.add_argument("--codec_only", action="store_true", help="re-synthesise through the codec (copy-synthesis)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=1, help="windows of a long recording run together")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--save_tokens", action="store_true", help="also write <name>.tokens.npy (streams, frames)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    args.input_dir = args.input_dir or args.input_dir_alias
+    if not args.input_dir:
+        p.error("--input_dir (or --test_noise_wav) is required")
+    if args.batch_size < 1:
+        p.error("--batch_size must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
+    if not input_dir.is_dir():
+        raise UserError(f"input folder not found: {input_dir}")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = DEFAULT_CODEC if args.codec_only else DEFAULT_ENHANCER
+        print(f"using the demo model {checkpoint.relative_to(REPO_ROOT)} (small, trained on CPU; see MODEL_CARD.md)")
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    jobs = plan_outputs(input_dir, output_dir)
+    enhancer = Enhancer.from_checkpoint(checkpoint, device, args.codec_only, args.batch_size)
+    min_samples = enhancer.frame
+
+    done = skipped = failed = 0
+    audio_seconds = compute_seconds = 0.0
+    progress = tqdm(jobs, unit="file", disable=None)
+    for source, target in progress:
+        name = source.relative_to(input_dir.resolve())
+        if target.exists() and not args.overwrite:
+            skipped += 1
+            continue
+        try:
+            audio, notes = load_audio(source, enhancer.sample_rate)
+            if audio.shape[0] < min_samples:
+                raise AudioError(f"too short ({audio.shape[0]} samples at {enhancer.sample_rate} Hz; "
+                                 f"the codec needs at least {min_samples})")
+            started = time.perf_counter()
+            result = enhancer(audio)
+            compute_seconds += time.perf_counter() - started
+            save_audio(target, result.audio, enhancer.sample_rate)
+            if args.save_tokens and result.tokens is not None:
+                np.save(target.with_suffix(".tokens.npy"), result.tokens.astype(np.int16))
+        except AudioError as e:
+            failed += 1
+            progress.write(f"failed {name}: {e}")
+            continue
+        except OSError as e:
+            failed += 1
+            progress.write(f"failed {name}: cannot write {target} ({e.strerror or e})")
+            continue
+        done += 1
+        audio_seconds += audio.shape[0] / enhancer.sample_rate
+        for note in notes + result.notes:
+            progress.write(f"note {name}: {note}")
+    rtf = compute_seconds / audio_seconds if audio_seconds else float("nan")
+    print(f"done {done}, skipped (already there) {skipped}, failed {failed}; {audio_seconds:.1f} s of audio in "
+          f"{compute_seconds:.1f} s, real-time factor {rtf:.3f} on {device}; outputs in {output_dir}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""G-MDCTCodec: MDCT front end, ConvNeXt-v2 encoder/decoder, and a group (or residual) vector quantiser.
+
+Shapes at the boundary:
+    wav     (batch, samples)            16 kHz
+    mdct    (batch, hop, mdct_frames)   400 frames/s
+    latent  (batch, latent_dim, frames) 50 frames/s
+    tokens  (batch, streams, frames)    int64 in [0, codebook_size)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from models.mdct import MDCT
+from models.quantizers import QuantizerOutput, build_quantizer
+from utils import load_checkpoint, load_state_dict_checked, padded_length, save_checkpoint, validate_config
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a (batch, channels, frames) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-v2 GRN on (batch, frames, channels): boosts channels with large energy over time."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        energy = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        relative = energy / (energy.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * relative) + self.beta + x
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, LayerNorm, inverted bottleneck with GELU and GRN, residual; (batch, dim, frames)."""
+
+    def __init__(self, dim: int, intermediate_dim: int, kernel_size: int):
+        super().__init__()
+        self.depthwise = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.expand = nn.Linear(dim, intermediate_dim)
+        self.grn = GlobalResponseNorm(intermediate_dim)
+        self.project = nn.Linear(intermediate_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.depthwise(x).transpose(1, 2))
+        y = self.project(self.grn(F.gelu(self.expand(y))))
+        return x + y.transpose(1, 2)
+
+
+class ConvNeXtStack(nn.Module):
+    """LayerNorm, ConvNeXt blocks, LayerNorm, Linear: the trunk shared by encoder and decoder."""
+
+    def __init__(self, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int):
+        super().__init__()
+        self.norm_in = ChannelLayerNorm(dim)
+        self.blocks = nn.Sequential(*(ConvNeXtBlock(dim, intermediate_dim, kernel_size) for _ in range(num_blocks)))
+        self.norm_out = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.norm_in(x))
+        return self.linear(self.norm_out(x.transpose(1, 2))).transpose(1, 2)
+
+
+class Encoder(nn.Module):
+    """MDCT (batch, hop, mdct_frames) -> latent (batch, latent_dim, mdct_frames / downsample)."""
+
+    def __init__(self, mdct_bins: int, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int,
+                 downsample: int, latent_dim: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv_in = nn.Conv1d(mdct_bins, dim, kernel_size, padding=pad)
+        self.trunk = ConvNeXtStack(dim, intermediate_dim, num_blocks, kernel_size)
+        self.downsample = weight_norm(nn.Conv1d(dim, dim, kernel_size, stride=downsample, padding=pad))
+        self.conv_out = weight_norm(nn.Conv1d(dim, latent_dim, kernel_size, padding=pad))
+
+    def forward(self, mdct: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.downsample(self.trunk(self.conv_in(mdct))))
+
+
+class Decoder(nn.Module):
+    """Latent (batch, latent_dim, frames) -> MDCT (batch, hop, frames * upsample)."""
+
+    def __init__(self, latent_dim: int, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int,
+                 upsample: int, upsample_kernel: int, mdct_bins: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv_in = weight_norm(nn.Conv1d(latent_dim, dim, kernel_size, padding=pad))
+        self.upsample = weight_norm(
+            nn.ConvTranspose1d(dim, dim, upsample_kernel, stride=upsample, padding=(upsample_kernel - upsample) // 2)
+        )
+        self.conv_mid = nn.Conv1d(dim, dim, kernel_size, padding=pad)
+        self.trunk = ConvNeXtStack(dim, intermediate_dim, num_blocks, kernel_size)
+        self.conv_out = weight_norm(nn.Conv1d(dim, mdct_bins, kernel_size, padding=pad))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.trunk(self.conv_mid(self.upsample(self.conv_in(latent)))))
+
+
+class Codec(nn.Module):
+    """The full codec; `config` is the project's complete config dict (its "codec" section is used)."""
+
+    kind = "codec"
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        c = config["codec"]
+        enc, dec, mdct = c["encoder"], c["decoder"], c["mdct"]
+        self.sample_rate = config["sample_rate"]
+        self.hop_length = mdct["hop_length"]
+        self.downsample = enc["downsample"]
+        self.mdct = MDCT(mdct["frame_length"], mdct["hop_length"])
+        self.encoder = Encoder(self.hop_length, enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
+                               enc["kernel_size"], enc["downsample"], enc["latent_dim"])
+        self.quantizer = build_quantizer(enc["latent_dim"], c["quantizer"])
+        self.decoder = Decoder(enc["latent_dim"], dec["dim"], dec["intermediate_dim"], dec["num_blocks"],
+                               dec["kernel_size"], enc["downsample"], dec["upsample_kernel"], self.hop_length)
+
+    @property
+    def num_streams(self) -> int:
+        return self.quantizer.num_streams
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    # ------------------------------------------------------------------------------------------ training
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantizerOutput]:
+        """wav (batch, samples) -> (reconstruction (batch, samples), mdct, reconstructed mdct, quantiser output).
+
+        `samples` must be a token-aligned length (see `utils.padded_length`); training segments are.
+        """
+        mdct = self.mdct(wav)
+        quantized = self.quantizer(self.encoder(mdct))
+        mdct_hat = self.decoder(quantized.latent)
+        return self.mdct.inverse(mdct_hat, wav.shape[-1]), mdct, mdct_hat, quantized
+
+    # ----------------------------------------------------------------------------------------- inference
+    def pad(self, wav: torch.Tensor) -> torch.Tensor:
+        """Right-pad (batch, samples) with zeros to the next token-aligned length."""
+        target = padded_length(wav.shape[-1], self.hop_length, self.downsample)
+        return F.pad(wav, (0, target - wav.shape[-1]))
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (batch, samples) of any length -> tokens (batch, streams, ceil((samples + hop) / (hop * downsample)))."""
+        return self.quantizer(self.encoder(self.mdct(self.pad(wav)))).tokens
+
+    def tokens_to_latent(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, streams, frames) -> quantised latent (batch, latent_dim, frames)."""
+        return self.quantizer.decode(tokens)
+
+    def decode_latent(self, latent: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        return self.mdct.inverse(self.decoder(latent), length)
+
+    def decode(self, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """tokens (batch, streams, frames) -> wav (batch, length or the token-aligned length)."""
+        return self.decode_latent(self.tokens_to_latent(tokens), length)
+
+    # --------------------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_config(cls, config: dict) -> "Codec":
+        return cls(validate_config(config))
+
+    def checkpoint_payload(self) -> dict:
+        return {"kind": self.kind, "config": self.config, "model": self.state_dict()}
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(path, self.checkpoint_payload())
+
+    @classmethod
+    def from_payload(cls, payload: dict, source: str | Path) -> "Codec":
+        codec = cls.from_config(payload["config"])
+        load_state_dict_checked(codec, payload["model"], source)
+        return codec.eval()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Codec":
+        """A codec from a codec checkpoint, or the codec embedded in an enhancer checkpoint."""
+        payload = load_checkpoint(path, ("codec", "paragse", "serial"))
+        if payload["kind"] != "codec":
+            payload = payload["codec"]
+        return cls.from_payload(payload, path)

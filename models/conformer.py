@@ -1,0 +1,169 @@
+"""Conformer blocks and BiLSTMs with a leading *group* axis: G independent networks evaluated in one call.
+
+Every tensor here is (groups, batch, frames, channels). Each group has its own weights, stacked along the first
+axis of every parameter, so ParaGSE's N token branches run as one batched computation instead of a Python loop;
+with groups=1 the same modules serve the single degraded-spectrum branch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupedLinear(nn.Module):
+    """G independent Linear layers: (G, B, T, in) -> (G, B, T, out)."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(groups, 1, out_features)) if bias else None
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialisation range
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, b, t, c = x.shape
+        y = torch.bmm(x.reshape(g, b * t, c), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(g, b, t, -1)
+
+
+class GroupedLayerNorm(nn.Module):
+    """LayerNorm over channels with a separate affine transform per group."""
+
+    def __init__(self, groups: int, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(groups, 1, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(groups, 1, 1, dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+
+
+class FeedForward(nn.Module):
+    def __init__(self, groups: int, dim: int, mult: int, dropout: float):
+        super().__init__()
+        self.norm = GroupedLayerNorm(groups, dim)
+        self.expand = GroupedLinear(groups, dim, dim * mult)
+        self.project = GroupedLinear(groups, dim * mult, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.project(self.dropout(F.silu(self.expand(self.norm(x))))))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention per group (groups folded into the batch for the attention kernel)."""
+
+    def __init__(self, groups: int, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"conformer dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = GroupedLinear(groups, dim, 3 * dim)
+        self.out = GroupedLinear(groups, dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, b, t, c = x.shape
+        q, k, v = self.qkv(x).view(g * b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(g, b, t, c))
+
+
+class ConvModule(nn.Module):
+    """LN, pointwise to 2*expansion*dim, GLU, dilated depthwise conv, BatchNorm, SiLU, pointwise back to dim."""
+
+    def __init__(self, groups: int, dim: int, expansion: int, kernel_size: int, dilation: int, dropout: float):
+        super().__init__()
+        inner = expansion * dim
+        self.groups, self.inner = groups, inner
+        self.norm = GroupedLayerNorm(groups, dim)
+        self.pointwise_in = GroupedLinear(groups, dim, 2 * inner)
+        self.depthwise = nn.Conv1d(groups * inner, groups * inner, kernel_size, dilation=dilation,
+                                   padding=dilation * (kernel_size - 1) // 2, groups=groups * inner)
+        self.batch_norm = nn.BatchNorm1d(groups * inner)
+        self.pointwise_out = GroupedLinear(groups, inner, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, b, t, _ = x.shape
+        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (G, B, T, inner)
+        y = y.permute(1, 0, 3, 2).reshape(b, g * self.inner, t)  # groups side by side as conv channels
+        y = F.silu(self.batch_norm(self.depthwise(y)))
+        y = y.view(b, g, self.inner, t).permute(1, 0, 3, 2)
+        return self.dropout(self.pointwise_out(y))
+
+
+class ConformerBlock(nn.Module):
+    """Macaron conformer block, wrapped once more as LN(block(x) + x)."""
+
+    def __init__(self, groups: int, dim: int, heads: int, ff_mult: int, conv_expansion: int, conv_kernel: int,
+                 dilation: int, dropout: float):
+        super().__init__()
+        self.ff1 = FeedForward(groups, dim, ff_mult, dropout)
+        self.attention_norm = GroupedLayerNorm(groups, dim)
+        self.attention = SelfAttention(groups, dim, heads, dropout)
+        self.conv = ConvModule(groups, dim, conv_expansion, conv_kernel, dilation, dropout)
+        self.ff2 = FeedForward(groups, dim, ff_mult, dropout)
+        self.block_norm = GroupedLayerNorm(groups, dim)
+        self.outer_norm = GroupedLayerNorm(groups, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + 0.5 * self.ff1(x)
+        y = y + self.attention(self.attention_norm(y))
+        y = y + self.conv(y)
+        y = self.block_norm(y + 0.5 * self.ff2(y))
+        return self.outer_norm(y + x)
+
+
+class ConformerStack(nn.Sequential):
+    def __init__(self, groups: int, num_blocks: int, conformer: dict):
+        super().__init__(*(
+            ConformerBlock(groups, conformer["dim"], conformer["heads"], conformer["ff_mult"],
+                           conformer["conv_expansion"], conformer["conv_kernel"],
+                           2 ** (i % conformer["dilation_cycle"]), conformer["dropout"])
+            for i in range(num_blocks)
+        ))
+
+
+class GroupedBiLSTM(nn.Module):
+    """G independent multi-layer bidirectional LSTMs: (G, B, T, input_size) -> (G, B, T, 2 * hidden_size).
+
+    Weights are stacked along the group axis in nn.LSTM's layout (gates i, f, g, o; two biases). No fused LSTM
+    kernel accepts a different weight set per batch element, and a time loop written in Python measured 3x slower
+    on CPU than the fused kernel, so each group calls the fused kernel (torch.lstm, cuDNN on CUDA) on its own slice.
+    """
+
+    def __init__(self, groups: int, input_size: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.groups, self.hidden_size, self.num_layers = groups, hidden_size, num_layers
+        bound = 1 / math.sqrt(hidden_size)  # nn.LSTM's initialisation
+
+        def stacked(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(groups, 2, *shape).uniform_(-bound, bound))
+
+        sizes_in = [input_size] + [2 * hidden_size] * (num_layers - 1)
+        self.weight_ih = nn.ParameterList(stacked(4 * hidden_size, size) for size in sizes_in)
+        self.weight_hh = nn.ParameterList(stacked(4 * hidden_size, hidden_size) for _ in sizes_in)
+        self.bias_ih = nn.ParameterList(stacked(4 * hidden_size) for _ in sizes_in)
+        self.bias_hh = nn.ParameterList(stacked(4 * hidden_size) for _ in sizes_in)
+
+    def group_weights(self, g: int) -> list[torch.Tensor]:
+        """Group g's weights in the flat order torch.lstm expects (layer-major, then direction)."""
+        return [w[g, d] for layer in range(self.num_layers) for d in range(2)
+                for w in (self.weight_ih[layer], self.weight_hh[layer], self.bias_ih[layer], self.bias_hh[layer])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, b, _, _ = x.shape
+        zeros = x.new_zeros(2 * self.num_layers, b, self.hidden_size)
+        return torch.stack([
+            torch.lstm(x[i], (zeros, zeros), self.group_weights(i), True, self.num_layers, 0.0, self.training,
+                       True, True)[0]
+            for i in range(g)
+        ])

@@ -1,0 +1,131 @@
+"""Vector quantisers for the codec latent: group VQ (independent streams) and residual VQ (serial streams).
+
+Both map a latent (batch, latent_dim, frames) to tokens (batch, streams, frames) and back, so the codec and the
+enhancers treat them alike. Look-up is by cosine similarity (L2-normalised latent against L2-normalised codes),
+which keeps all codes in play far better than raw Euclidean look-up when a codec is trained briefly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+@dataclass
+class QuantizerOutput:
+    latent: torch.Tensor  # (batch, latent_dim, frames), quantised, straight-through gradients
+    tokens: torch.Tensor  # (batch, streams, frames), int64 in [0, codebook_size)
+    codebook_loss: torch.Tensor  # scalar: pulls codes towards the encoder outputs
+    commitment_loss: torch.Tensor  # scalar: pulls encoder outputs towards their codes
+
+
+class VectorQuantizer(nn.Module):
+    """One codebook: 1x1 projection in, cosine nearest neighbour, straight-through, 1x1 projection out."""
+
+    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int):
+        super().__init__()
+        self.in_proj = weight_norm(nn.Conv1d(input_dim, codebook_dim, 1))
+        self.out_proj = weight_norm(nn.Conv1d(codebook_dim, input_dim, 1))
+        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, input_dim, frames) -> (output, tokens (batch, frames), codebook_loss, commitment_loss)."""
+        projected = self.in_proj(x)  # (batch, codebook_dim, frames)
+        tokens = self.nearest(projected)
+        codes = self.codebook(tokens).transpose(1, 2)
+        codebook_loss = F.mse_loss(codes, projected.detach())
+        commitment_loss = F.mse_loss(projected, codes.detach())
+        straight_through = projected + (codes - projected).detach()
+        return self.out_proj(straight_through), tokens, codebook_loss, commitment_loss
+
+    def nearest(self, projected: torch.Tensor) -> torch.Tensor:
+        latent = F.normalize(projected.transpose(1, 2), dim=-1)  # (batch, frames, codebook_dim)
+        codebook = F.normalize(self.codebook.weight, dim=-1)
+        return torch.matmul(latent, codebook.t()).argmax(dim=-1)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, frames) -> (batch, input_dim, frames)."""
+        return self.out_proj(self.codebook(tokens).transpose(1, 2))
+
+
+class GroupVectorQuantizer(nn.Module):
+    """Split the latent into `num_groups` channel groups, each with its own VQ: token n sees only group n."""
+
+    def __init__(self, latent_dim: int, num_groups: int, codebook_size: int, codebook_dim: int):
+        super().__init__()
+        if latent_dim % num_groups:
+            raise ValueError(f"latent_dim {latent_dim} is not divisible by num_groups {num_groups}")
+        self.num_streams = num_groups
+        self.codebook_size = codebook_size
+        self.group_dim = latent_dim // num_groups
+        self.quantizers = nn.ModuleList(
+            VectorQuantizer(self.group_dim, codebook_size, codebook_dim) for _ in range(num_groups)
+        )
+
+    def forward(self, latent: torch.Tensor) -> QuantizerOutput:
+        outputs, tokens, codebook_losses, commitment_losses = [], [], [], []
+        for quantizer, group in zip(self.quantizers, latent.split(self.group_dim, dim=1)):
+            out, tok, cb, cm = quantizer.quantize(group)
+            outputs.append(out)
+            tokens.append(tok)
+            codebook_losses.append(cb)
+            commitment_losses.append(cm)
+        return QuantizerOutput(
+            torch.cat(outputs, dim=1),
+            torch.stack(tokens, dim=1),
+            torch.stack(codebook_losses).mean(),
+            torch.stack(commitment_losses).mean(),
+        )
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, groups, frames) -> latent (batch, latent_dim, frames)."""
+        return torch.cat([q.decode(tokens[:, i]) for i, q in enumerate(self.quantizers)], dim=1)
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Quantise the whole latent, then each residual in turn: stream k refines streams < k (serial)."""
+
+    def __init__(self, latent_dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int):
+        super().__init__()
+        self.num_streams = num_quantizers
+        self.codebook_size = codebook_size
+        self.quantizers = nn.ModuleList(
+            VectorQuantizer(latent_dim, codebook_size, codebook_dim) for _ in range(num_quantizers)
+        )
+
+    def forward(self, latent: torch.Tensor) -> QuantizerOutput:
+        residual = latent
+        quantized = torch.zeros_like(latent)
+        tokens, codebook_losses, commitment_losses = [], [], []
+        for quantizer in self.quantizers:
+            out, tok, cb, cm = quantizer.quantize(residual)
+            quantized = quantized + out
+            residual = residual - out.detach()
+            tokens.append(tok)
+            codebook_losses.append(cb)
+            commitment_losses.append(cm)
+        return QuantizerOutput(
+            quantized,
+            torch.stack(tokens, dim=1),
+            torch.stack(codebook_losses).mean(),
+            torch.stack(commitment_losses).mean(),
+        )
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, quantizers, frames) -> latent (batch, latent_dim, frames)."""
+        return sum(self.stream_vectors(tokens[:, k], k) for k in range(self.num_streams))
+
+    def stream_vectors(self, tokens: torch.Tensor, stream: int) -> torch.Tensor:
+        """Latent contribution of quantiser `stream` for its tokens (batch, frames)."""
+        return self.quantizers[stream].decode(tokens)
+
+
+def build_quantizer(latent_dim: int, config: dict) -> GroupVectorQuantizer | ResidualVectorQuantizer:
+    if config["type"] == "gvq":
+        return GroupVectorQuantizer(latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"])
+    if config["type"] == "rvq":
+        return ResidualVectorQuantizer(latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"])
+    raise ValueError(f"codec.quantizer.type must be 'gvq' or 'rvq', got '{config['type']}'")

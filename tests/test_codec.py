@@ -1,0 +1,127 @@
+"""The codec: perfect MDCT reconstruction, token shapes, group independence, training and persistence."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, TINY_CONFIG
+from models.codec import Codec
+from models.losses import LogMel
+from models.mdct import MDCT
+from utils import UserError, load_config, save_audio, seed_everything
+import train
+
+
+def test_mdct_reconstructs_real_speech_exactly(speech, other_speech):
+    mdct = MDCT(80, 40)
+    x = torch.from_numpy(speech)
+    assert (mdct.inverse(mdct(x), x.shape[0]) - x).abs().max() < 1e-5
+    length = min(len(speech), len(other_speech)) - 7  # not a multiple of the hop
+    batch = torch.stack([torch.from_numpy(speech[:length]), torch.from_numpy(other_speech[:length])])
+    assert (mdct.inverse(mdct(batch), length) - batch).abs().max() < 1e-5
+
+
+def test_paper_codec_token_shapes_and_any_length(speech):
+    seed_everything(0)
+    codec = Codec.from_config(load_config()).eval()
+    wav = torch.from_numpy(speech[:31960])[None]
+    with torch.inference_mode():
+        tokens = codec.encode(wav)
+        assert tokens.shape == (1, 4, 100)
+        assert tokens.dtype == torch.int64 and tokens.min() >= 0 and tokens.max() < 256
+        assert codec.decode(tokens, 31960).shape == (1, 31960)
+        assert codec.decode(tokens).shape == (1, 31960)  # token-aligned lengths need no hint
+        for length in (1, 333, 12345, 16000):
+            out = codec.decode(codec.encode(wav[:, :length]), length)
+            assert out.shape == (1, length)
+
+
+def test_changing_latent_group_changes_only_its_token_stream(speech):
+    seed_everything(0)
+    codec = Codec.from_config(load_config()).eval()
+    with torch.inference_mode():
+        latent = codec.encoder(codec.mdct(codec.pad(torch.from_numpy(speech[:31960])[None])))
+        base = codec.quantizer(latent).tokens
+        for group in range(4):
+            changed = latent.clone()
+            changed[:, group * 8 : (group + 1) * 8] = torch.randn_like(changed[:, :8])
+            tokens = codec.quantizer(changed).tokens
+            for stream in range(4):
+                same = torch.equal(tokens[:, stream], base[:, stream])
+                assert same == (stream != group), f"group {group} perturbed, stream {stream} same={same}"
+
+
+def _train_codec(tmp_path, clip_dir, max_steps, run_dir="run", extra=()):
+    argv = ["--stage", "codec", "--config", str(TINY_CONFIG), "--checkpoint_dir", str(tmp_path / run_dir),
+            "--train_dir", str(clip_dir), "--max_steps", str(max_steps), "--device", "cpu", *extra]
+    assert train.main(argv) == 0
+    return sorted((tmp_path / run_dir).glob("checkpoint_*.pt"))[-1]
+
+
+@pytest.fixture()
+def clip_dir(tmp_path, speech):
+    folder = tmp_path / "clip"
+    save_audio(folder / "speech.wav", speech)
+    return folder
+
+
+def test_tiny_codec_overfits_one_real_clip(tmp_path, clip_dir, speech):
+    start = _train_codec(tmp_path, clip_dir, 0).rename(tmp_path / "step0.pt")  # keep_last would prune it
+    end = _train_codec(tmp_path, clip_dir, 300)
+    config = load_config(TINY_CONFIG)
+    log_mel = LogMel.from_config(config)
+    wav = torch.from_numpy(speech)[None]
+
+    def mel_error(path):
+        codec = Codec.load(path)
+        with torch.inference_mode():
+            return F.l1_loss(log_mel(codec.decode(codec.encode(wav), wav.shape[-1])), log_mel(wav)).item()
+
+    before, after = mel_error(start), mel_error(end)
+    assert after < 0.5 * before, f"log-mel L1 {before:.3f} -> {after:.3f}"
+
+
+def test_checkpoint_reload_gives_identical_tokens_in_a_fresh_process(tmp_path, speech):
+    seed_everything(3)
+    codec = Codec.from_config(load_config(TINY_CONFIG)).eval()
+    path = tmp_path / "codec.pt"
+    codec.save(path)
+    wav = torch.from_numpy(speech)[None]
+    with torch.inference_mode():
+        tokens = codec.encode(wav)
+        assert torch.equal(Codec.load(path).encode(wav), tokens)
+    np.save(tmp_path / "wav.npy", speech)
+    script = (
+        "import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]);"
+        "from models.codec import Codec;"
+        "c = Codec.load(sys.argv[2]); w = torch.from_numpy(np.load(sys.argv[3]))[None];"
+        "np.save(sys.argv[4], c.encode(w).numpy())"
+    )
+    subprocess.run([sys.executable, "-c", script, str(REPO), str(path), str(tmp_path / "wav.npy"),
+                    str(tmp_path / "tokens.npy")], check=True)
+    assert np.array_equal(np.load(tmp_path / "tokens.npy"), tokens.numpy())
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, clip_dir):
+    straight = _train_codec(tmp_path, clip_dir, 6, run_dir="straight")
+    _train_codec(tmp_path, clip_dir, 3, run_dir="resumed")
+    resumed = _train_codec(tmp_path, clip_dir, 6, run_dir="resumed")
+    a, b = torch.load(straight, weights_only=False), torch.load(resumed, weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "discriminator"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+    state_a, state_b = a["optimizer_g"]["state"], b["optimizer_g"]["state"]
+    assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
+
+
+def test_unknown_config_key_is_refused_by_name(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"codec": {"encoder": {"dimm": 3}}}')
+    with pytest.raises(UserError, match="codec.encoder.dimm"):
+        load_config(bad)

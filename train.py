@@ -1,0 +1,619 @@
+"""Train the codec (`--stage codec`), ParaGSE (`--stage enhancer`) or the serial baseline (`--stage serial`).
+
+    python train.py --stage codec --config config.json --checkpoint_dir runs/codec --train_dir data/corpus/train
+    python train.py --stage enhancer --config config.json --codec runs/codec/checkpoint_00100000.pt \
+        --checkpoint_dir runs/paragse --train_degraded_dir VB/noisy_trainset_28spk_wav \
+        --train_clean_dir VB/clean_trainset_28spk_wav
+    torchrun --nproc_per_node 4 train.py ...   # same arguments, DistributedDataParallel
+
+A run resumes from the newest loadable checkpoint in --checkpoint_dir. SIGINT/SIGTERM save a checkpoint and exit.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.tensorboard import SummaryWriter
+
+import dataset as data
+from models.codec import Codec
+from models.discriminator import MultiResolutionMDCTDiscriminator
+from models.losses import LogMel, discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
+from models.paragse import ParaGSE
+from models.serial import SerialEnhancer
+from utils import (UserError, count_parameters, find_audio_files, load_audio, load_checkpoint, load_config,
+                   load_state_dict_checked, resolve_device, rng_state, save_checkpoint, seed_everything,
+                   set_rng_state)
+
+log = logging.getLogger("train")
+CHECKPOINT_PATTERN = "checkpoint_{:08d}.pt"
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, choices=["codec", "enhancer", "serial"])
+    p.add_argument("--config", default="config.json", help="JSON config; partial configs are laid over config.json")
+    p.add_argument("--checkpoint_dir", required=True, help="checkpoints, TensorBoard logs and log.csv go here")
+    p.add_argument("--codec", help="trained codec checkpoint (enhancer and serial stages)")
+    data_args = p.add_argument_group("data (folders are searched recursively; any sample rate)")
+    data_args.add_argument("--train_dir", help="clean speech (codec; or enhancer with --noise_dir)")
+    data_args.add_argument("--valid_dir", help="clean validation speech")
+    data_args.add_argument("--train_degraded_dir", help="paired degraded speech, matched to --train_clean_dir")
+    data_args.add_argument("--train_clean_dir")
+    data_args.add_argument("--valid_degraded_dir")
+    data_args.add_argument("--valid_clean_dir")
+    data_args.add_argument("--noise_dir", help="noise for on-the-fly degradation of --train_dir / --valid_dir")
+    data_args.add_argument("--rir_dir", help="room impulse responses (default: simulated)")
+    p.add_argument("--max_steps", type=int, help="stop at this step (default: the config's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--keep_last", type=int, help="checkpoints to keep (default: config run.keep_last)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+# -------------------------------------------------------------------------------------------- distributed
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, resolve_device(device_arg)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and device_arg != "cpu":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return dist.get_rank(), world_size, device
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+class StepSampler(Sampler):
+    """Batch indices as a pure function of (seed, step, rank): resuming at step k replays exactly the same data."""
+
+    def __init__(self, dataset_length: int, batch_size: int, seed: int, start_step: int, rank: int = 0):
+        self.dataset_length, self.batch_size, self.seed = dataset_length, batch_size, seed
+        self.start_step, self.rank = start_step, rank
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            rng = np.random.default_rng([self.seed, step, self.rank])
+            yield rng.integers(0, self.dataset_length, self.batch_size).tolist()
+            step += 1
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+
+def make_loader(ds: Dataset, batch_size: int, seed: int, start_step: int, rank: int, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_sampler=StepSampler(len(ds), batch_size, seed, start_step, rank),
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0,
+                      # Own generator: otherwise starting the loader draws from the global RNG and a resumed
+                      # run would diverge from an uninterrupted one.
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------- schedules
+def lr_lambda_codec(train: dict):
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / train["warmup_steps"]) if train["warmup_steps"] > 0 else 1.0
+        return warm * train["lr_decay_per_epoch"] ** (step // train["steps_per_epoch"])
+    return factor
+
+
+def lr_lambda_enhancer(train: dict, max_steps: int):
+    floor = train["min_learning_rate"] / train["learning_rate"]
+
+    def factor(step: int) -> float:
+        if step < train["warmup_steps"]:
+            return (step + 1) / train["warmup_steps"]
+        progress = min(1.0, (step - train["warmup_steps"]) / max(1, max_steps - train["warmup_steps"]))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(directory: Path) -> list[Path]:
+    return sorted(directory.glob("checkpoint_*.pt"))
+
+
+def load_latest_checkpoint(directory: Path, kind: str) -> dict | None:
+    """Newest checkpoint that loads; a corrupt newer one is skipped with a warning."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            payload = load_checkpoint(path, kind)
+        except UserError as e:
+            log.warning("skipping %s", e)
+            continue
+        log.info("resuming from %s (step %d)", path, payload["step"])
+        return payload
+    return None
+
+
+def write_checkpoint(directory: Path, payload: dict, keep_last: int) -> Path:
+    path = directory / CHECKPOINT_PATTERN.format(payload["step"])
+    save_checkpoint(path, payload)
+    for old in list_checkpoints(directory)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+        self.requested = True
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite losses; too many in a row is an error, not something to train through."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        if torch.isfinite(loss).item():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)", step, self.in_a_row,
+                    self.total)
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} non-finite losses in a row (run.max_nonfinite_steps): stopping; "
+                               "lower the learning rate or check the data")
+        return False
+
+
+class RunLog:
+    """TensorBoard plus an append-only log.csv (small, committable, easy to plot)."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.enabled = enabled
+        self.csv_path = directory / "log.csv"
+        self.writer = SummaryWriter(str(directory / "tensorboard")) if enabled else None
+
+    def scalars(self, step: int, values: dict[str, float], cpu_hours: float) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "cpu_hours", "key", "value"])
+            for key, value in values.items():
+                w.writerow([step, f"{cpu_hours:.4f}", key, f"{value:.6g}"])
+
+    def audio(self, step: int, tag: str, wav: torch.Tensor, sample_rate: int) -> None:
+        if self.enabled:
+            self.writer.add_audio(tag, wav.detach().float().cpu().clamp(-1, 1)[None], step, sample_rate)
+
+    def spectrogram(self, step: int, tag: str, log_mel: torch.Tensor) -> None:
+        if self.enabled:
+            image = log_mel.detach().float().cpu()
+            image = (image - image.min()) / (image.max() - image.min() + 1e-8)
+            self.writer.add_image(tag, image.flip(0)[None], step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------------------------------- data
+def require_dir(path: str | None, flag: str) -> Path:
+    if path is None:
+        raise UserError(f"{flag} is required for this stage")
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{flag}: folder not found: {p}")
+    if not find_audio_files(p):
+        raise UserError(f"{flag}: no .wav/.flac/.ogg files under {p}")
+    return p
+
+
+def training_pairs(args: argparse.Namespace, config: dict, segment_length: int, seed: int) -> Dataset:
+    """Paired folders if given, else clean speech with on-the-fly degradation."""
+    if args.train_degraded_dir or args.train_clean_dir:
+        return data.PairedDataset(require_dir(args.train_degraded_dir, "--train_degraded_dir"),
+                                  require_dir(args.train_clean_dir, "--train_clean_dir"), segment_length, seed)
+    return data.DegradedDataset(require_dir(args.train_dir, "--train_dir"), require_dir(args.noise_dir, "--noise_dir"),
+                                args.rir_dir, config["data"], segment_length, seed)
+
+
+def validation_pairs(args: argparse.Namespace, config: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """A few fixed whole-file (name, degraded, clean) pairs for validation."""
+    count = config["data"]["validation_files"]
+    if args.valid_degraded_dir:
+        ds = data.PairedDataset(require_dir(args.valid_degraded_dir, "--valid_degraded_dir"),
+                                require_dir(args.valid_clean_dir, "--valid_clean_dir"), None, 0)
+    elif args.valid_dir and args.noise_dir:
+        ds = data.DegradedDataset(require_dir(args.valid_dir, "--valid_dir"), Path(args.noise_dir), args.rir_dir,
+                                  config["data"], None, 0)
+    else:
+        return []
+    return [(f"valid{i}", *ds[i]) for i in range(min(count, len(ds)))]
+
+
+def validation_clean(args: argparse.Namespace, config: dict) -> list[tuple[str, torch.Tensor]]:
+    if not args.valid_dir:
+        return []
+    root = require_dir(args.valid_dir, "--valid_dir")
+    files = find_audio_files(root)[: config["data"]["validation_files"]]
+    return [(str(f), torch.from_numpy(load_audio(root / f, config["sample_rate"])[0])) for f in files]
+
+
+def copy_synthesis_scores(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int, dnsmos: bool) -> dict:
+    from evaluate import score_pair  # imported lazily: scoring pulls in pesq/pystoi/onnxruntime
+
+    return score_pair(estimate.cpu().numpy(), reference.cpu().numpy(), sample_rate, dnsmos=dnsmos)
+
+
+# ----------------------------------------------------------------------------------------------- codec stage
+def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, device: torch.device) -> None:
+    train_cfg, loss_cfg, run = config["codec"]["train"], config["codec"]["loss"], config["run"]
+    max_steps = train_cfg["max_steps"] if args.max_steps is None else args.max_steps
+    ckpt_dir = Path(args.checkpoint_dir)
+    keep_last = args.keep_last or run["keep_last"]
+
+    codec = Codec.from_config(config).to(device)
+    disc = MultiResolutionMDCTDiscriminator(config).to(device)
+    opt_g = torch.optim.AdamW(codec.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
+                              weight_decay=train_cfg["weight_decay"])
+    opt_d = torch.optim.AdamW(disc.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
+                              weight_decay=train_cfg["weight_decay"])
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda_codec(train_cfg))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda_codec(train_cfg))
+    step, train_seconds = 0, 0.0
+    resumed = load_latest_checkpoint(ckpt_dir, "codec")
+    if resumed:
+        load_state_dict_checked(codec, resumed["model"], "resumed checkpoint")
+        disc.load_state_dict(resumed["discriminator"])
+        opt_g.load_state_dict(resumed["optimizer_g"])
+        opt_d.load_state_dict(resumed["optimizer_d"])
+        sched_g.load_state_dict(resumed["scheduler_g"])
+        sched_d.load_state_dict(resumed["scheduler_d"])
+        step, train_seconds = resumed["step"], resumed["train_seconds"]
+        set_rng_state(resumed["rng"])
+    if rank == 0:
+        log.info("codec: %.2f M parameters (encoder %.2f M, decoder %.2f M), discriminator %.2f M",
+                 count_parameters(codec) / 1e6, count_parameters(codec.encoder) / 1e6,
+                 count_parameters(codec.decoder) / 1e6, count_parameters(disc) / 1e6)
+
+    log_mel = LogMel.from_config(config).to(device)
+    train_set = data.CleanSegmentDataset(require_dir(args.train_dir, "--train_dir"), train_cfg["segment_length"],
+                                         config["data"]["seed"])
+    loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
+                         config["data"]["num_workers"])
+    valid = validation_clean(args, config) if rank == 0 else []
+    if world > 1:
+        codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
+        disc_ddp = DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        codec_ddp, disc_ddp = codec, disc
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+
+    saved_at = [step if resumed else -1]
+
+    def save() -> None:
+        saved_at[0] = step
+        if rank == 0:
+            payload = codec.checkpoint_payload() | {
+                "discriminator": disc.state_dict(), "optimizer_g": opt_g.state_dict(),
+                "optimizer_d": opt_d.state_dict(), "scheduler_g": sched_g.state_dict(),
+                "scheduler_d": sched_d.state_dict(), "step": step, "train_seconds": train_seconds,
+                "cpu_threads": threads, "rng": rng_state()}
+            log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
+
+    codec_ddp.train()
+    disc_ddp.train()
+    started = time.time()
+    for clean in loader:
+        if step >= max_steps or stop.requested:
+            break
+        clean = clean.to(device, non_blocking=True)
+        use_gan = step >= train_cfg["discriminator_start_step"]
+        with amp:
+            recon, mdct, mdct_hat, quantized = codec_ddp(clean)
+        recon, mdct_hat = recon.float(), mdct_hat.float()
+
+        # Discriminator first (real speech vs the detached reconstruction), so the generator below is judged by
+        # the updated discriminator and no graph spans an in-place weight update.
+        loss_d = torch.zeros((), device=device)
+        if use_gan:
+            with amp:
+                loss_d = loss_cfg["discriminator"] * discriminator_hinge_loss(disc_ddp(clean), disc_ddp(recon.detach()))
+            if guard.ok(loss_d.float(), step):
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.float().backward()
+                torch.nn.utils.clip_grad_norm_(disc.parameters(), train_cfg["grad_clip"])
+                opt_d.step()
+
+        # Generator: reconstruction terms always, adversarial terms once the discriminator is on.
+        mel_clean, mel_recon = log_mel(clean), log_mel(recon)
+        terms = {
+            "mel_l1": F.l1_loss(mel_recon, mel_clean),
+            "mel_mse": F.mse_loss(mel_recon, mel_clean),
+            "mdct_mse": F.mse_loss(mdct_hat, mdct.float()),
+            "codebook": quantized.codebook_loss.float(),
+            "commitment": quantized.commitment_loss.float(),
+        }
+        if use_gan:
+            with amp:
+                real, fake = disc_ddp(clean), disc_ddp(recon)
+            terms["gan"] = generator_hinge_loss(fake).float()
+            terms["feature_matching"] = feature_matching_loss(real, fake).float()
+        loss_g = sum(loss_cfg[name] * value for name, value in terms.items())
+        opt_g.zero_grad(set_to_none=True)
+        grad_norm = torch.zeros(())
+        if guard.ok(loss_g, step):
+            loss_g.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(codec.parameters(), train_cfg["grad_clip"])
+            opt_g.step()
+        # Discriminator gradients from the generator loss are never applied; drop them.
+        opt_d.zero_grad(set_to_none=True)
+        sched_g.step()
+        sched_d.step()
+        step += 1
+        now = time.time()
+        train_seconds += now - started
+        started = now
+        cpu_hours = train_seconds * threads / 3600
+
+        if rank == 0 and step % run["log_every"] == 0:
+            scalars = {f"train/{k}": v.item() for k, v in terms.items()}
+            scalars |= {"train/loss_g": loss_g.item(), "train/loss_d": loss_d.item(),
+                        "train/grad_norm": float(grad_norm), "train/lr": sched_g.get_last_lr()[0],
+                        "train/codebook_usage": codebook_usage(quantized.tokens, codec.codebook_size)}
+            run_log.scalars(step, scalars, cpu_hours)
+            log.info("step %d  loss_g %.3f  mel_l1 %.3f  loss_d %.3f  %.2f cpu-h", step, loss_g.item(),
+                     terms["mel_l1"].item(), loss_d.item(), cpu_hours)
+        if rank == 0 and valid and step % run["validate_every"] == 0:
+            validate_codec(codec, valid, log_mel, run_log, step, cpu_hours, config, device)
+            codec.train()
+        if step % run["checkpoint_every"] == 0:
+            save()
+    if saved_at[0] != step:
+        save()
+    run_log.close()
+
+
+def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> float:
+    """Mean over streams of the fraction of codes used in the batch: a collapse detector."""
+    used = [torch.unique(tokens[:, s]).numel() / codebook_size for s in range(tokens.shape[1])]
+    return float(np.mean(used))
+
+
+@torch.inference_mode()
+def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, step: int, cpu_hours: float,
+                   config: dict, device: torch.device) -> None:
+    codec.eval()
+    sums: dict[str, list[float]] = {}
+    for i, (name, clean) in enumerate(valid):
+        clean = clean.to(device)[None]
+        recon = codec.decode(codec.encode(clean), clean.shape[-1])
+        sums.setdefault("valid/mel_l1", []).append(F.l1_loss(log_mel(recon), log_mel(clean)).item())
+        scores = copy_synthesis_scores(recon[0], clean[0], config["sample_rate"], config["run"]["validation_dnsmos"])
+        for key, value in scores.items():
+            sums.setdefault(f"valid/{key}", []).append(value)
+        if i < 2:
+            run_log.audio(step, f"copy_synthesis/{i}", recon[0], config["sample_rate"])
+            run_log.spectrogram(step, f"copy_synthesis_mel/{i}", log_mel(recon)[0])
+            if step == config["run"]["validate_every"]:
+                run_log.audio(step, f"clean/{i}", clean[0], config["sample_rate"])
+    means = {k: float(np.nanmean(v)) for k, v in sums.items()}
+    run_log.scalars(step, means, cpu_hours)
+    log.info("validation step %d: %s", step, "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in means.items()))
+
+
+# ------------------------------------------------------------------------------------ enhancer / serial stage
+def build_enhancer(stage: str, config: dict, codec: Codec) -> torch.nn.Module:
+    if stage == "enhancer":
+        return ParaGSE(config, codec.num_streams, codec.codebook_size)
+    return SerialEnhancer(config, codec)
+
+
+def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int, device: torch.device) -> None:
+    kind = "paragse" if args.stage == "enhancer" else "serial"
+    train_cfg, run = config["enhancer"]["train"], config["run"]
+    max_steps = train_cfg["max_steps"] if args.max_steps is None else args.max_steps
+    ckpt_dir = Path(args.checkpoint_dir)
+    keep_last = args.keep_last or run["keep_last"]
+    resumed = load_latest_checkpoint(ckpt_dir, kind)
+    if resumed:
+        codec_payload = resumed["codec"]
+        codec = Codec.from_payload(codec_payload, ckpt_dir)
+    else:
+        if not args.codec:
+            raise UserError("--codec CODEC.pt is required to start the enhancer stage")
+        codec_payload = load_checkpoint(args.codec, "codec")
+        codec = Codec.from_payload(codec_payload, args.codec)
+        codec_payload = codec.checkpoint_payload()  # weights and config only, no optimiser state
+    expected = "gvq" if kind == "paragse" else "rvq"
+    if codec.config["codec"]["quantizer"]["type"] != expected:
+        raise UserError(f"--stage {args.stage} needs a '{expected}' codec, got "
+                        f"'{codec.config['codec']['quantizer']['type']}'")
+    codec = codec.to(device).eval().requires_grad_(False)
+
+    model = build_enhancer(args.stage, config, codec).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
+                                  weight_decay=train_cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_enhancer(train_cfg, max_steps))
+    step, train_seconds = 0, 0.0
+    if resumed:
+        load_state_dict_checked(model, resumed["model"], "resumed checkpoint")
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        step, train_seconds = resumed["step"], resumed["train_seconds"]
+        set_rng_state(resumed["rng"])
+    if rank == 0:
+        log.info("%s: %.2f M parameters; codec %s streams x %d codes", kind, count_parameters(model) / 1e6,
+                 codec.num_streams, codec.codebook_size)
+
+    train_set = training_pairs(args, config, train_cfg["segment_length"], config["data"]["seed"])
+    loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
+                         config["data"]["num_workers"])
+    valid = validation_pairs(args, config) if rank == 0 else []
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+
+    saved_at = [step if resumed else -1]
+
+    def save() -> None:
+        saved_at[0] = step
+        if rank == 0:
+            payload = model.checkpoint_payload(codec_payload) | {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "train_seconds": train_seconds, "cpu_threads": threads, "rng": rng_state()}
+            log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
+
+    ddp.train()
+    started = time.time()
+    for degraded, clean in loader:
+        if step >= max_steps or stop.requested:
+            break
+        degraded, clean = degraded.to(device, non_blocking=True), clean.to(device, non_blocking=True)
+        with torch.no_grad():
+            degraded_tokens, clean_tokens = codec.encode(degraded), codec.encode(clean)
+        with amp:
+            teacher = (clean_tokens,) if kind == "serial" else ()  # the serial baseline is teacher-forced
+            group_logits = ddp(codec.pad(degraded), degraded_tokens, *teacher)  # (batch, streams, frames, codes)
+        loss = token_cross_entropy(group_logits.float(), clean_tokens)
+        if guard.ok(loss, step):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            grad_norm = torch.zeros(())
+        scheduler.step()
+        step += 1
+        now = time.time()
+        train_seconds += now - started
+        started = now
+        cpu_hours = train_seconds * threads / 3600
+
+        if rank == 0 and step % run["log_every"] == 0:
+            scalars = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0]}
+            scalars |= token_accuracies(group_logits.detach(), clean_tokens, degraded_tokens, "train")
+            run_log.scalars(step, scalars, cpu_hours)
+            log.info("step %d  loss %.3f  accuracy %.3f (copying degraded tokens %.3f)  %.2f cpu-h", step,
+                     loss.item(), scalars["train/accuracy"], scalars["train/copy_accuracy"], cpu_hours)
+        if rank == 0 and valid and step % run["validate_every"] == 0:
+            validate_enhancer(model, codec, valid, run_log, step, cpu_hours, config, device)
+            model.train()
+        if step % run["checkpoint_every"] == 0:
+            save()
+    if saved_at[0] != step:
+        save()
+    run_log.close()
+
+
+def token_cross_entropy(group_logits: torch.Tensor, clean_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over groups of the cross-entropy; logits (batch, streams, frames, codes), tokens (batch, streams, frames)."""
+    return F.cross_entropy(group_logits.flatten(0, 2), clean_tokens.flatten())
+
+
+def token_accuracies(group_logits: torch.Tensor, clean_tokens: torch.Tensor, degraded_tokens: torch.Tensor,
+                     prefix: str) -> dict[str, float]:
+    """Per-group accuracy of the prediction and of simply copying the degraded tokens (the bar to clear)."""
+    predicted = group_logits.argmax(-1)
+    out = {f"{prefix}/accuracy": (predicted == clean_tokens).float().mean().item(),
+           f"{prefix}/copy_accuracy": (degraded_tokens == clean_tokens).float().mean().item()}
+    for g in range(clean_tokens.shape[1]):
+        out[f"{prefix}/accuracy_group{g}"] = (predicted[:, g] == clean_tokens[:, g]).float().mean().item()
+    return out
+
+
+@torch.inference_mode()
+def validate_enhancer(model: torch.nn.Module, codec: Codec, valid: list, run_log: RunLog, step: int,
+                      cpu_hours: float, config: dict, device: torch.device) -> None:
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    for i, (name, degraded, clean) in enumerate(valid):
+        degraded, clean = degraded.to(device)[None], clean.to(device)[None]
+        degraded_tokens, clean_tokens = codec.encode(degraded), codec.encode(clean)
+        predicted = model.predict_tokens(codec.pad(degraded), degraded_tokens)
+        sums.setdefault("valid/accuracy", []).append((predicted == clean_tokens).float().mean().item())
+        sums.setdefault("valid/copy_accuracy", []).append((degraded_tokens == clean_tokens).float().mean().item())
+        enhanced = codec.decode(predicted, clean.shape[-1])
+        if i < 2:
+            run_log.audio(step, f"enhanced/{i}", enhanced[0], config["sample_rate"])
+            if step == config["run"]["validate_every"]:
+                run_log.audio(step, f"degraded/{i}", degraded[0], config["sample_rate"])
+                run_log.audio(step, f"clean/{i}", clean[0], config["sample_rate"])
+        scores = copy_synthesis_scores(enhanced[0], clean[0], config["sample_rate"], config["run"]["validation_dnsmos"])
+        for key, value in scores.items():
+            sums.setdefault(f"valid/{key}", []).append(value)
+    means = {k: float(np.nanmean(v)) for k, v in sums.items()}
+    run_log.scalars(step, means, cpu_hours)
+    log.info("validation step %d: %s", step, "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in means.items()))
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rank, world, device = setup_distributed(args.device)
+        if rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+        Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        seed_everything(config["data"]["seed"] + rank)
+        if args.stage == "codec":
+            train_codec(args, config, rank, world, device)
+        else:
+            train_enhancer(args, config, rank, world, device)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

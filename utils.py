@@ -1,0 +1,255 @@
+"""Shared plumbing: configuration, audio I/O, checkpoints, devices.
+
+Everything here is the single implementation of its job; the rest of the project imports it rather than
+re-implementing it (one audio loader, one checkpoint format, one place for defaults).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO_ROOT / "config.json"
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad config, bad checkpoint); printed as one line, exit code 2."""
+
+
+class AudioError(Exception):
+    """A single audio file that cannot be used; the message names the reason, the caller names the file."""
+
+
+# --------------------------------------------------------------------------------------------- configuration
+def _check_and_merge(defaults: dict, override: dict, prefix: str = "") -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{dotted}'{hint}")
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{dotted}' must be an object, got {type(value).__name__}")
+            merged[key] = _check_and_merge(default, value, dotted + ".")
+            continue
+        if isinstance(default, bool) != isinstance(value, bool):
+            raise UserError(f"config key '{dotted}' must be {type(default).__name__}, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            raise UserError(f"config key '{dotted}' must be a number, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if not value.is_integer():
+                raise UserError(f"config key '{dotted}' must be an integer, got {value!r}")
+            value = int(value)
+        if isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"config key '{dotted}' must be a string, got {value!r}")
+        if isinstance(default, list) and not isinstance(value, list):
+            raise UserError(f"config key '{dotted}' must be a list, got {value!r}")
+        merged[key] = value
+    return merged
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path} is not valid JSON: {e}") from None
+
+
+def load_config(path: str | Path | None = None) -> dict:
+    """The repository's config.json, with the values of `path` (which may be partial) laid over it.
+
+    config.json is the one place for defaults; any key it does not have is refused with its dotted name.
+    """
+    defaults = read_json(DEFAULT_CONFIG)
+    if path is None or Path(path).resolve() == DEFAULT_CONFIG:
+        return defaults
+    return _check_and_merge(defaults, read_json(path))
+
+
+def validate_config(config: dict) -> dict:
+    """Check a complete config (e.g. one stored in a checkpoint) against config.json's keys."""
+    return _check_and_merge(read_json(DEFAULT_CONFIG), config)
+
+
+# ----------------------------------------------------------------------------------------------------- audio
+def find_audio_files(root: str | Path, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Audio files under `root` (recursively), as paths relative to `root`, sorted."""
+    root = Path(root)
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> tuple[np.ndarray, list[str]]:
+    """Read any wav/flac/ogg file as mono float32 at `sample_rate`.
+
+    Returns (samples, notes): notes say how the input was changed ("resampled 48000→16000", ...).
+    Raises AudioError with a one-line reason for a file that cannot be used.
+    """
+    path = Path(path)
+    try:
+        audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except PermissionError:
+        raise AudioError("permission denied") from None
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
+        if not os.access(path, os.R_OK):
+            reason = "permission denied"
+        raise AudioError(f"cannot decode audio ({reason})") from None
+    notes: list[str] = []
+    if audio.shape[0] == 0:
+        raise AudioError("empty file (0 samples)")
+    if not np.all(np.isfinite(audio)):
+        bad = int(np.sum(~np.isfinite(audio)))
+        audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+        notes.append(f"replaced {bad} NaN/Inf samples with 0")
+    if audio.shape[1] > 1:
+        notes.append(f"mixed {audio.shape[1]} channels to mono")
+        audio = audio.mean(axis=1, keepdims=True)
+    audio = audio[:, 0]
+    if file_rate != sample_rate:
+        audio = soxr.resample(audio, file_rate, sample_rate, quality="HQ").astype(np.float32)
+        notes.append(f"resampled {file_rate}→{sample_rate}")
+    if audio.shape[0] == 0:
+        raise AudioError("too short to resample (0 samples after resampling)")
+    return np.ascontiguousarray(audio), notes
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def save_audio(path: str | Path, audio: np.ndarray | torch.Tensor, sample_rate: int = 16000) -> None:
+    """Write mono PCM-16 wav atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().float().cpu().numpy()
+    audio = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """torch.save atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | Path, expected_kind: str | tuple[str, ...] | None = None) -> dict:
+    """Load a checkpoint written by save_checkpoint; UserError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or "kind" not in payload or "config" not in payload:
+        raise UserError(f"checkpoint {path} was not written by this project (no 'kind'/'config')")
+    if expected_kind is not None:
+        kinds = (expected_kind,) if isinstance(expected_kind, str) else expected_kind
+        if payload["kind"] not in kinds:
+            raise UserError(f"checkpoint {path} holds a '{payload['kind']}' model, expected {' or '.join(kinds)}")
+    return payload
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """load_state_dict that turns shape/key mismatches into one-line UserErrors naming the source."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{source}: weights do not match the model built from its config ({detail})")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(
+                f"{source}: config does not match weights at '{key}': "
+                f"model {tuple(own[key].shape)} vs checkpoint {tuple(value.shape)}"
+            )
+    module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------- misc helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} requested but CUDA is not available on this machine")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device '{name}' (use auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def padded_length(num_samples: int, hop_length: int, downsample: int) -> int:
+    """Smallest length >= num_samples whose centred MDCT/STFT has a whole number of token frames.
+
+    With centred framing a length L gives L/hop + 1 frames; token frames need that to be a multiple of
+    `downsample`, i.e. L = hop * (downsample * F - 1).
+    """
+    token_frames = max(1, math.ceil((num_samples + hop_length) / (hop_length * downsample)))
+    return hop_length * (downsample * token_frames - 1)
+
+
+def stft(wav: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:
+    """Centred Hann STFT, the project's only one: (batch, samples) -> complex (batch, n_fft // 2 + 1, frames)."""
+    window = torch.hann_window(win_length, device=wav.device, dtype=wav.dtype)
+    return torch.stft(wav, n_fft, hop_length, win_length, window, center=True, return_complex=True)
