@@ -89,28 +89,43 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-class StepSampler(Sampler):
-    """Batch indices as a pure function of (seed, step, rank): resuming at step k replays exactly the same data."""
+class TrainingStream(Dataset):
+    """Draw k of the training stream is a pure function of (seed, k): a resumed run replays exactly the data an
+    uninterrupted run would have seen, whatever the number of workers."""
 
-    def __init__(self, dataset_length: int, batch_size: int, seed: int, start_step: int, rank: int = 0):
-        self.dataset_length, self.batch_size, self.seed = dataset_length, batch_size, seed
-        self.start_step, self.rank = start_step, rank
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, draw: int):
+        index = int(np.random.default_rng([self.seed, draw]).integers(len(self.dataset)))
+        self.dataset.set_epoch(draw)  # fresh crop (and degradation) randomness for every draw
+        return self.dataset[index]
+
+
+class StepBatches(Sampler):
+    """Batches of draw numbers: step s on rank r takes draws [(s * world + r) * b, ... + b)."""
+
+    def __init__(self, batch_size: int, start_step: int, rank: int, world: int):
+        self.batch_size, self.start_step, self.rank, self.world = batch_size, start_step, rank, world
 
     def __iter__(self):
         step = self.start_step
         while True:
-            rng = np.random.default_rng([self.seed, step, self.rank])
-            yield rng.integers(0, self.dataset_length, self.batch_size).tolist()
+            first = (step * self.world + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
             step += 1
 
     def __len__(self) -> int:
         return sys.maxsize
 
 
-def make_loader(ds: Dataset, batch_size: int, seed: int, start_step: int, rank: int, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_sampler=StepSampler(len(ds), batch_size, seed, start_step, rank),
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0,
+def make_loader(ds: Dataset, batch_size: int, seed: int, start_step: int, rank: int, world: int,
+                workers: int) -> DataLoader:
+    return DataLoader(TrainingStream(ds, seed), batch_sampler=StepBatches(batch_size, start_step, rank, world),
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                       # Own generator: otherwise starting the loader draws from the global RNG and a resumed
                       # run would diverge from an uninterrupted one.
                       generator=torch.Generator().manual_seed(seed))
@@ -314,7 +329,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     train_set = data.CleanSegmentDataset(require_dir(args.train_dir, "--train_dir"), train_cfg["segment_length"],
                                          config["data"]["seed"])
     loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
-                         config["data"]["num_workers"])
+                         world, config["data"]["num_workers"])
     valid = validation_clean(args, config) if rank == 0 else []
     if world > 1:
         codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
@@ -484,7 +499,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
 
     train_set = training_pairs(args, config, train_cfg["segment_length"], config["data"]["seed"])
     loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
-                         config["data"]["num_workers"])
+                         world, config["data"]["num_workers"])
     valid = validation_pairs(args, config) if rank == 0 else []
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model

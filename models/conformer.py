@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import UserError
+
 
 class GroupedLinear(nn.Module):
     """G independent Linear layers: (G, B, T, in) -> (G, B, T, out)."""
@@ -64,7 +66,7 @@ class SelfAttention(nn.Module):
     def __init__(self, groups: int, dim: int, heads: int, dropout: float):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"conformer dim {dim} is not divisible by heads {heads}")
+            raise UserError(f"conformer dim {dim} is not divisible by heads {heads}")
         self.heads, self.dropout = heads, dropout
         self.qkv = GroupedLinear(groups, dim, 3 * dim)
         self.out = GroupedLinear(groups, dim, dim)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import UserError
+
 
 class MDCT(nn.Module):
     """Orthonormal MDCT: frame 2N, hop N, N coefficients a frame; `inverse` reconstructs the input exactly."""
@@ -18,7 +20,7 @@ class MDCT(nn.Module):
     def __init__(self, frame_length: int = 80, hop_length: int = 40):
         super().__init__()
         if frame_length != 2 * hop_length:
-            raise ValueError("MDCT needs frame_length == 2 * hop_length for alias cancellation")
+            raise UserError("MDCT needs frame_length == 2 * hop_length for alias cancellation")
         self.frame_length = frame_length
         self.hop_length = hop_length
         n = torch.arange(frame_length, dtype=torch.float64)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.conformer import ConformerStack, GroupedBiLSTM, GroupedLinear
-from utils import load_state_dict_checked, stft, validate_config
+from utils import UserError, load_state_dict_checked, stft, validate_config
 
 
 def stft_features(wav: torch.Tensor, config: dict) -> torch.Tensor:
@@ -35,9 +35,9 @@ class DegradedBranch(nn.Module):
         channels, dim = b["conv_channels"], conformer["dim"]
         expected_in = config["enhancer"]["stft"]["n_fft"] + 2
         if channels[0] != expected_in:
-            raise ValueError(f"enhancer.branch.conv_channels[0] must be n_fft + 2 = {expected_in}, got {channels[0]}")
+            raise UserError(f"enhancer.branch.conv_channels[0] must be n_fft + 2 = {expected_in}, got {channels[0]}")
         if channels[-1] != dim or (lstm_layers and 2 * b["lstm_hidden"] != dim):
-            raise ValueError("enhancer.branch.conv_channels[-1] and 2 * lstm_hidden must equal enhancer.conformer.dim")
+            raise UserError("enhancer.branch.conv_channels[-1] and 2 * lstm_hidden must equal enhancer.conformer.dim")
         self.convs = nn.ModuleList(
             nn.Conv1d(c_in, c_out, b["conv_kernel"], b["conv_stride"], padding=b["conv_kernel"] // 2)
             for c_in, c_out in zip(channels[:-1], channels[1:])
@@ -66,7 +66,7 @@ class TokenBranches(nn.Module):
         t, conformer = config["enhancer"]["token_branch"], config["enhancer"]["conformer"]
         dim = conformer["dim"]
         if 2 * t["lstm_hidden"] != dim:
-            raise ValueError("2 * enhancer.token_branch.lstm_hidden must equal enhancer.conformer.dim")
+            raise UserError("2 * enhancer.token_branch.lstm_hidden must equal enhancer.conformer.dim")
         self.num_groups, self.codebook_size = num_groups, codebook_size
         # One table of num_groups * codebook_size rows: group g's code k is row g * codebook_size + k.
         self.embedding = nn.Embedding(num_groups * codebook_size, t["embedding_dim"])
@@ -101,7 +101,7 @@ class ParaGSE(nn.Module):
         branch = self.branch(stft_features(degraded_wav, self.config))
         frames = degraded_tokens.shape[-1]
         if branch.shape[1] != frames:
-            raise ValueError(f"STFT branch gives {branch.shape[1]} frames but there are {frames} token frames; "
+            raise UserError(f"STFT branch gives {branch.shape[1]} frames but there are {frames} token frames; "
                              "pad the waveform with Codec.pad first")
         return self.token_branches(branch, degraded_tokens)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from utils import UserError
 from torch.nn.utils.parametrizations import weight_norm
 
 
@@ -57,7 +59,7 @@ class GroupVectorQuantizer(nn.Module):
     def __init__(self, latent_dim: int, num_groups: int, codebook_size: int, codebook_dim: int):
         super().__init__()
         if latent_dim % num_groups:
-            raise ValueError(f"latent_dim {latent_dim} is not divisible by num_groups {num_groups}")
+            raise UserError(f"latent_dim {latent_dim} is not divisible by num_groups {num_groups}")
         self.num_streams = num_groups
         self.codebook_size = codebook_size
         self.group_dim = latent_dim // num_groups
@@ -128,4 +130,4 @@ def build_quantizer(latent_dim: int, config: dict) -> GroupVectorQuantizer | Res
         return GroupVectorQuantizer(latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"])
     if config["type"] == "rvq":
         return ResidualVectorQuantizer(latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"])
-    raise ValueError(f"codec.quantizer.type must be 'gvq' or 'rvq', got '{config['type']}'")
+    raise UserError(f"codec.quantizer.type must be 'gvq' or 'rvq', got '{config['type']}'")
