@@ -133,7 +133,12 @@ class Enhancer:
 def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses layouts where an output could land on an input."""
     in_root, out_root = input_dir.resolve(), output_dir.resolve()
-    inputs = [p for p in find_audio_files(in_root) if not (in_root / p).resolve().is_relative_to(out_root)]
+    if out_root == in_root:
+        raise UserError(f"output folder {output_dir} is the input folder: outputs would overwrite inputs; "
+                        "choose another --output_dir")
+    inputs = find_audio_files(in_root)
+    if out_root.is_relative_to(in_root):  # outputs nested in the input folder are not inputs of a later run
+        inputs = [p for p in inputs if not (in_root / p).resolve().is_relative_to(out_root)]
     if not inputs:
         raise UserError(f"no .wav/.flac/.ogg files under {input_dir}")
     wanted = [p.with_suffix(".wav") for p in inputs]

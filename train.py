@@ -189,6 +189,10 @@ class StopRequest:
         self.requested = True
 
 
+class TrainingDiverged(Exception):
+    """Training cannot go on (e.g. the loss stays NaN); reported in one line, exit code 1."""
+
+
 class NonFiniteGuard:
     """Counts consecutive non-finite losses; too many in a row is an error, not something to train through."""
 
@@ -204,7 +208,7 @@ class NonFiniteGuard:
         log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)", step, self.in_a_row,
                     self.total)
         if self.in_a_row >= self.limit:
-            raise RuntimeError(f"{self.in_a_row} non-finite losses in a row (run.max_nonfinite_steps): stopping; "
+            raise TrainingDiverged(f"{self.in_a_row} non-finite losses in a row (run.max_nonfinite_steps): stopping; "
                                "lower the learning rate or check the data")
         return False
 
@@ -370,7 +374,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         if use_gan:
             with amp:
                 loss_d = loss_cfg["discriminator"] * discriminator_hinge_loss(disc_ddp(clean), disc_ddp(recon.detach()))
-            if guard.ok(loss_d.float(), step):
+            if torch.isfinite(loss_d).item():  # a non-finite step is counted once, by the generator's guard
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.float().backward()
                 torch.nn.utils.clip_grad_norm_(disc.parameters(), train_cfg["grad_clip"])
@@ -393,7 +397,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         loss_g = sum(loss_cfg[name] * value for name, value in terms.items())
         opt_g.zero_grad(set_to_none=True)
         grad_norm = torch.zeros(())
-        if guard.ok(loss_g, step):
+        if guard.ok(loss_g + loss_d.detach(), step):
             loss_g.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(codec.parameters(), train_cfg["grad_clip"])
             opt_g.step()
@@ -624,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
