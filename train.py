@@ -221,7 +221,7 @@ class RunLog:
         self.csv_path = directory / "log.csv"
         self.writer = SummaryWriter(str(directory / "tensorboard")) if enabled else None
 
-    def scalars(self, step: int, values: dict[str, float], cpu_hours: float) -> None:
+    def scalars(self, step: int, values: dict[str, float], compute_hours: float) -> None:
         if not self.enabled:
             return
         for key, value in values.items():
@@ -230,9 +230,9 @@ class RunLog:
         with open(self.csv_path, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["step", "cpu_hours", "key", "value"])
+                w.writerow(["step", "compute_hours", "key", "value"])
             for key, value in values.items():
-                w.writerow([step, f"{cpu_hours:.4f}", key, f"{value:.6g}"])
+                w.writerow([step, f"{compute_hours:.4f}", key, f"{value:.6g}"])
 
     def audio(self, step: int, tag: str, wav: torch.Tensor, sample_rate: int) -> None:
         if self.enabled:
@@ -288,8 +288,14 @@ def validation_clean(args: argparse.Namespace, config: dict) -> list[tuple[str, 
     if not args.valid_dir:
         return []
     root = require_dir(args.valid_dir, "--valid_dir")
-    files = find_audio_files(root)[: config["data"]["validation_files"]]
-    return [(str(f), torch.from_numpy(load_audio(root / f, config["sample_rate"])[0])) for f in files]
+    chosen = []
+    for f in find_audio_files(root):  # the first long-enough files in sorted order: the same set every run
+        audio = load_audio(root / f, config["sample_rate"])[0]
+        if audio.shape[0] >= config["data"]["validation_min_seconds"] * config["sample_rate"]:
+            chosen.append((str(f), torch.from_numpy(audio)))
+        if len(chosen) == config["data"]["validation_files"]:
+            break
+    return chosen
 
 
 def copy_synthesis_scores(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int, dnsmos: bool) -> dict:
@@ -313,7 +319,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                               weight_decay=train_cfg["weight_decay"])
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda_codec(train_cfg))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda_codec(train_cfg))
-    step, train_seconds = 0, 0.0
+    step, compute_seconds = 0, 0.0
     resumed = load_latest_checkpoint(ckpt_dir, "codec")
     if resumed:
         load_state_dict_checked(codec, resumed["model"], "resumed checkpoint")
@@ -322,7 +328,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         opt_d.load_state_dict(resumed["optimizer_d"])
         sched_g.load_state_dict(resumed["scheduler_g"])
         sched_d.load_state_dict(resumed["scheduler_d"])
-        step, train_seconds = resumed["step"], resumed["train_seconds"]
+        step, compute_seconds = resumed["step"], resumed["compute_seconds"]
         set_rng_state(resumed["rng"])
     if rank == 0:
         log.info("codec: %.2f M parameters (encoder %.2f M, decoder %.2f M), discriminator %.2f M",
@@ -352,8 +358,8 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
             payload = codec.checkpoint_payload() | {
                 "discriminator": disc.state_dict(), "optimizer_g": opt_g.state_dict(),
                 "optimizer_d": opt_d.state_dict(), "scheduler_g": sched_g.state_dict(),
-                "scheduler_d": sched_d.state_dict(), "step": step, "train_seconds": train_seconds,
-                "cpu_threads": threads, "rng": rng_state()}
+                "scheduler_d": sched_d.state_dict(), "step": step,
+                "compute_seconds": compute_seconds, "rng": rng_state()}
             log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
 
     codec_ddp.train()
@@ -407,20 +413,20 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         sched_d.step()
         step += 1
         now = time.time()
-        train_seconds += now - started
+        compute_seconds += (now - started) * threads  # CPU-seconds on CPU (threads vary across resumes), else wall
         started = now
-        cpu_hours = train_seconds * threads / 3600
+        compute_hours = compute_seconds / 3600
 
         if rank == 0 and step % run["log_every"] == 0:
             scalars = {f"train/{k}": v.item() for k, v in terms.items()}
             scalars |= {"train/loss_g": loss_g.item(), "train/loss_d": loss_d.item(),
                         "train/grad_norm": float(grad_norm), "train/lr": sched_g.get_last_lr()[0],
                         "train/codebook_usage": codebook_usage(quantized.tokens, codec.codebook_size)}
-            run_log.scalars(step, scalars, cpu_hours)
-            log.info("step %d  loss_g %.3f  mel_l1 %.3f  loss_d %.3f  %.2f cpu-h", step, loss_g.item(),
-                     terms["mel_l1"].item(), loss_d.item(), cpu_hours)
+            run_log.scalars(step, scalars, compute_hours)
+            log.info("step %d  loss_g %.3f  mel_l1 %.3f  loss_d %.3f  %.2f compute-h", step, loss_g.item(),
+                     terms["mel_l1"].item(), loss_d.item(), compute_hours)
         if rank == 0 and valid and step % run["validate_every"] == 0:
-            validate_codec(codec, valid, log_mel, run_log, step, cpu_hours, config, device)
+            validate_codec(codec, valid, log_mel, run_log, step, compute_hours, config, device)
             codec.train()
         if step % run["checkpoint_every"] == 0:
             save()
@@ -436,7 +442,7 @@ def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> float:
 
 
 @torch.inference_mode()
-def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, step: int, cpu_hours: float,
+def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, step: int, compute_hours: float,
                    config: dict, device: torch.device) -> None:
     codec.eval()
     sums: dict[str, list[float]] = {}
@@ -453,7 +459,7 @@ def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, 
             if step == config["run"]["validate_every"]:
                 run_log.audio(step, f"clean/{i}", clean[0], config["sample_rate"])
     means = {k: float(np.nanmean(v)) for k, v in sums.items()}
-    run_log.scalars(step, means, cpu_hours)
+    run_log.scalars(step, means, compute_hours)
     log.info("validation step %d: %s", step, "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in means.items()))
 
 
@@ -490,12 +496,12 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
     optimizer = torch.optim.AdamW(model.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
                                   weight_decay=train_cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_enhancer(train_cfg, max_steps))
-    step, train_seconds = 0, 0.0
+    step, compute_seconds = 0, 0.0
     if resumed:
         load_state_dict_checked(model, resumed["model"], "resumed checkpoint")
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        step, train_seconds = resumed["step"], resumed["train_seconds"]
+        step, compute_seconds = resumed["step"], resumed["compute_seconds"]
         set_rng_state(resumed["rng"])
     if rank == 0:
         log.info("%s: %.2f M parameters; codec %s streams x %d codes", kind, count_parameters(model) / 1e6,
@@ -518,7 +524,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         if rank == 0:
             payload = model.checkpoint_payload(codec_payload) | {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "train_seconds": train_seconds, "cpu_threads": threads, "rng": rng_state()}
+                "compute_seconds": compute_seconds, "rng": rng_state()}
             log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
 
     ddp.train()
@@ -544,19 +550,19 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         scheduler.step()
         step += 1
         now = time.time()
-        train_seconds += now - started
+        compute_seconds += (now - started) * threads  # CPU-seconds on CPU (threads vary across resumes), else wall
         started = now
-        cpu_hours = train_seconds * threads / 3600
+        compute_hours = compute_seconds / 3600
 
         if rank == 0 and step % run["log_every"] == 0:
             scalars = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm),
                        "train/lr": scheduler.get_last_lr()[0]}
             scalars |= token_accuracies(group_logits.detach(), clean_tokens, degraded_tokens, "train")
-            run_log.scalars(step, scalars, cpu_hours)
-            log.info("step %d  loss %.3f  accuracy %.3f (copying degraded tokens %.3f)  %.2f cpu-h", step,
-                     loss.item(), scalars["train/accuracy"], scalars["train/copy_accuracy"], cpu_hours)
+            run_log.scalars(step, scalars, compute_hours)
+            log.info("step %d  loss %.3f  accuracy %.3f (copying degraded tokens %.3f)  %.2f compute-h", step,
+                     loss.item(), scalars["train/accuracy"], scalars["train/copy_accuracy"], compute_hours)
         if rank == 0 and valid and step % run["validate_every"] == 0:
-            validate_enhancer(model, codec, valid, run_log, step, cpu_hours, config, device)
+            validate_enhancer(model, codec, valid, run_log, step, compute_hours, config, device)
             model.train()
         if step % run["checkpoint_every"] == 0:
             save()
@@ -583,7 +589,7 @@ def token_accuracies(group_logits: torch.Tensor, clean_tokens: torch.Tensor, deg
 
 @torch.inference_mode()
 def validate_enhancer(model: torch.nn.Module, codec: Codec, valid: list, run_log: RunLog, step: int,
-                      cpu_hours: float, config: dict, device: torch.device) -> None:
+                      compute_hours: float, config: dict, device: torch.device) -> None:
     model.eval()
     sums: dict[str, list[float]] = {}
     for i, (name, degraded, clean) in enumerate(valid):
@@ -602,7 +608,7 @@ def validate_enhancer(model: torch.nn.Module, codec: Codec, valid: list, run_log
         for key, value in scores.items():
             sums.setdefault(f"valid/{key}", []).append(value)
     means = {k: float(np.nanmean(v)) for k, v in sums.items()}
-    run_log.scalars(step, means, cpu_hours)
+    run_log.scalars(step, means, compute_hours)
     log.info("validation step %d: %s", step, "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in means.items()))
 
 

@@ -1,8 +1,10 @@
 """ParaGSE and the serial baseline: batched groups equal a per-group loop, training overfits, inference works."""
 from __future__ import annotations
 
-import copy
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 import inference
 import train
-from conftest import TINY_CONFIG
+from conftest import REPO, TINY_CONFIG
 from models import load_enhancer
 from models.codec import Codec
 from models.conformer import GroupedBiLSTM, GroupedLinear
@@ -142,3 +144,33 @@ def test_windowed_enhancement_matches_whole_file_and_keeps_length(tmp_path, spee
     assert result.audio.shape == long.shape
     assert np.isfinite(result.audio).all()
     assert result.tokens.shape == whole(long).tokens.shape
+
+
+def test_ten_minute_recording_stays_within_memory_at_paper_configuration(tmp_path, speech):
+    """Paper-size ParaGSE (random weights) on 10 minutes of speech: windowed, bounded memory, exact length."""
+    script = """
+import resource, sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(2)
+from inference import Enhancer
+from models.codec import Codec
+from models.paragse import ParaGSE
+from utils import load_config, seed_everything
+config = load_config()
+seed_everything(0)
+codec = Codec.from_config(config)
+model = ParaGSE(config, codec.num_streams, codec.codebook_size)
+speech = np.load(sys.argv[2])
+audio = np.tile(speech, 600 * 16000 // len(speech) + 1)[: 600 * 16000 + 77]
+enhancer = Enhancer(codec, model, torch.device("cpu"), config["inference"]["window_seconds"],
+                    config["inference"]["overlap_seconds"])
+out = enhancer(audio).audio
+print(out.shape[0], audio.shape[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    np.save(tmp_path / "speech.npy", speech)
+    result = subprocess.run([sys.executable, "-c", script, str(REPO), str(tmp_path / "speech.npy")],
+                            capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out_length, in_length, peak_mb = result.stdout.split()
+    assert int(out_length) == int(in_length)
+    assert float(peak_mb) < 2500, f"peak RSS {peak_mb} MB"

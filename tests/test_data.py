@@ -1,0 +1,280 @@
+"""Distortions, datasets and examples/ (issue #4). Tiny synthetic audio or examples/ only; no data/corpus needed."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import dataset as data
+from utils import load_config, save_audio
+
+SR = 16000
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def tone_speech(seconds: float, seed: int) -> np.ndarray:
+    """A speech-like test signal: harmonics with a syllable-rate envelope, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 30))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t)) ** 2
+    return (0.1 * voiced * envelope + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def band_energy_db(x: np.ndarray, cutoff_hz: float) -> float:
+    spectrum = np.abs(np.fft.rfft(x.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(x.size, 1 / SR)
+    return 10 * math.log10(spectrum[freqs > cutoff_hz].sum() / spectrum.sum())
+
+
+@pytest.fixture(scope="module")
+def degradation() -> dict:
+    return load_config()["data"]["degradation"]
+
+
+@pytest.fixture(scope="module")
+def banks(degradation: dict) -> tuple[data.AudioBank, data.AudioBank]:
+    noise = data.AudioBank([np.random.default_rng(1).standard_normal(SR // 3).astype(np.float32)], ["white"])
+    rir = data.simulate_rir_bank(2, seed=5, config=degradation, sample_rate=SR)
+    return noise, rir
+
+
+# ---------------------------------------------------------------------------------------------- distortions
+@pytest.mark.parametrize("snr", [-5.0, 0.0, 2.5, 10.0, 20.0])
+def test_add_noise_hits_the_snr(snr: float) -> None:
+    clean = tone_speech(1.5, 0)
+    noise = np.random.default_rng(3).standard_normal(7000).astype(np.float32)  # shorter: must loop
+    noisy = data.add_noise(clean, noise, snr, np.random.default_rng(4))
+    residual = noisy.astype(np.float64) - clean
+    measured = 10 * math.log10(data.signal_power(clean) / data.signal_power(residual))
+    assert noisy.shape == clean.shape
+    assert abs(measured - snr) < 0.1
+
+
+def test_add_noise_refuses_silent_noise() -> None:
+    with pytest.raises(ValueError, match="silent"):
+        data.add_noise(tone_speech(0.5, 0), np.zeros(100, np.float32), 5.0, np.random.default_rng(0))
+
+
+def test_add_noise_avoids_silent_stretches_of_sparse_noise() -> None:
+    """A +-1 square-wave burst, then 3.5 s of faint dither: the noise added must contain the burst, never the
+    dither alone scaled up to the SNR (whose samples would not all share one magnitude)."""
+    rng = np.random.default_rng(0)
+    noise = 1e-6 * rng.standard_normal(SR * 4).astype(np.float32)
+    noise[:SR // 2] = np.sign(np.sin(np.arange(SR // 2) * 0.3)) + (np.sin(np.arange(SR // 2) * 0.3) == 0)
+    clean = tone_speech(0.25, 1)
+    for seed in range(8):
+        added = np.abs(data.add_noise(clean, noise, 0.0, np.random.default_rng(seed)).astype(np.float64) - clean)
+        loud = added[added > 1e-3 * added.max()]
+        assert np.allclose(loud, added.max(), rtol=1e-3)
+
+
+def test_reverberation_keeps_power_and_length(banks) -> None:
+    clean = tone_speech(2.0, 1)
+    _, rir_bank = banks
+    for rir in rir_bank.signals:
+        wet = data.reverberate(clean, rir)
+        assert wet.shape == clean.shape
+        assert abs(data.signal_power(wet) / data.signal_power(clean) - 1) < 0.01
+        assert not np.allclose(wet, clean)
+
+
+def test_simulated_rir_is_reproducible_and_aligned(degradation: dict) -> None:
+    a, params_a = data.simulate_rir(np.random.default_rng(11), degradation, SR)
+    b, params_b = data.simulate_rir(np.random.default_rng(11), degradation, SR)
+    assert np.array_equal(a, b) and params_a == params_b
+    assert np.argmax(np.abs(a)) == 0  # direct path first: reverberant speech stays aligned with the clean target
+    assert degradation["rt60"][0] <= params_a["rt60"] <= degradation["rt60"][1]
+
+
+@pytest.mark.parametrize("rate", [4000, 8000])
+def test_band_limit_removes_the_top_band(rate: int) -> None:
+    clean = np.random.default_rng(2).standard_normal(SR * 2).astype(np.float32)  # flat spectrum: worst case
+    limited = data.band_limit(clean, rate, SR)
+    assert limited.shape == clean.shape
+    assert band_energy_db(limited, rate / 2) < -40
+    assert band_energy_db(clean, rate / 2) > -10
+
+
+def test_clip_at_quantiles() -> None:
+    clean = tone_speech(1.0, 2)
+    clipped = data.clip(clean, 0.1)
+    low, high = np.quantile(clean, [0.1, 0.9])
+    assert clipped.min() == pytest.approx(low) and clipped.max() == pytest.approx(high)
+    assert np.mean(clipped == clipped.max()) >= 0.09 and np.mean(clipped == clipped.min()) >= 0.09
+
+
+def test_degrade_is_deterministic_and_covers_every_condition(degradation: dict, banks) -> None:
+    clean = tone_speech(1.0, 3)
+    noise, rir = banks
+    seen = set()
+    for i in range(40):
+        a, desc_a = data.degrade(clean, np.random.default_rng([9, i]), degradation, noise, rir)
+        b, desc_b = data.degrade(clean, np.random.default_rng([9, i]), degradation, noise, rir)
+        assert np.array_equal(a, b) and desc_a == desc_b
+        assert a.shape == clean.shape and a.dtype == np.float32
+        seen.add(desc_a["condition"])
+    assert seen == set(data.CONDITIONS)
+    mixture, desc = data.degrade(clean, np.random.default_rng(0), degradation, noise, rir, condition="mixture")
+    assert {"rir", "rt60", "snr_db", "noise"} <= set(desc)
+    assert degradation["mixture_snr_db"][0] <= desc["snr_db"] <= degradation["mixture_snr_db"][1]
+
+
+def test_probabilities_must_sum_to_one(degradation: dict) -> None:
+    bad = dict(degradation, p_noise=degradation["p_noise"] + 0.5)
+    with pytest.raises(data.UserError, match="sum to 1"):
+        data.check_degradation_config(bad)
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+@pytest.fixture()
+def clean_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "clean"
+    for i, seconds in enumerate([1.2, 0.3, 2.0]):
+        save_audio(root / f"spk{i}" / f"utt{i}.wav", tone_speech(seconds, 10 + i), SR)
+    return root
+
+
+def test_clean_segments_are_deterministic_and_padded(clean_dir: Path) -> None:
+    ds = data.CleanSegmentDataset(clean_dir, 8000, seed=3)
+    again = data.CleanSegmentDataset(clean_dir, 8000, seed=3, cache=False)
+    assert len(ds) == int(3.5 * SR) // 8000
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item.shape == (8000,) and item.dtype == torch.float32
+        assert torch.allclose(item, again[i], atol=1 / 32767)  # int16 cache vs direct read
+    first = [ds[i] for i in range(len(ds))]
+    ds.set_epoch(1)
+    assert any(not torch.equal(a, ds[i]) for i, a in enumerate(first))
+    whole = data.CleanSegmentDataset(clean_dir, None, seed=3)
+    assert len(whole) == 3 and whole[1].shape == (int(0.3 * SR),)
+    short = data.CleanSegmentDataset([clean_dir / "spk1" / "utt1.wav"], 8000, seed=0)
+    assert short[0].shape == (8000,) and torch.all(short[0][int(0.3 * SR):] == 0)
+
+
+def test_dataloader_workers_give_the_same_items(clean_dir: Path) -> None:
+    ds = data.CleanSegmentDataset(clean_dir, 4000, seed=5)
+    direct = torch.stack([ds[i] for i in range(len(ds))])
+    loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), num_workers=2)
+    assert torch.equal(next(iter(loader)), direct)
+
+
+def test_degraded_dataset_is_deterministic(clean_dir: Path, tmp_path: Path) -> None:
+    noise_dir = tmp_path / "noise"
+    save_audio(noise_dir / "hum.wav", 0.1 * np.sin(np.arange(SR) * 0.05).astype(np.float32), SR)
+    save_audio(noise_dir / "hiss.wav", 0.05 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), SR)
+    config = load_config()["data"]
+    config = dict(config, degradation=dict(config["degradation"], rir_bank_size=2))
+    a = data.DegradedDataset(clean_dir, noise_dir, None, config, 8000, seed=4)
+    b = data.DegradedDataset(clean_dir, noise_dir, None, config, 8000, seed=4)
+    for i in range(len(a)):
+        (da, ca), (db, cb) = a[i], b[i]
+        assert da.shape == ca.shape == (8000,)
+        assert torch.equal(da, db) and torch.equal(ca, cb)
+        assert a.describe(i) == b.describe(i)
+        assert max(da.abs().max(), ca.abs().max()) <= config["degradation"]["max_peak"] + 1e-6
+    whole = data.DegradedDataset(clean_dir, noise_dir, None, config, None, seed=0)
+    assert whole[2][0].shape == whole[2][1].shape == (2 * SR,)
+
+
+@pytest.fixture()
+def voicebank(tmp_path: Path) -> Path:
+    """A fake VoiceBank+DEMAND tree: 3 good pairs, 1 length mismatch, 1 noisy-only, 1 clean-only."""
+    root = tmp_path / "vb"
+    noisy, clean = root / "noisy_trainset_28spk_wav", root / "clean_trainset_28spk_wav"
+    for i, name in enumerate(("p226_001", "p226_002", "p287_010")):
+        x = tone_speech(0.6, 20 + i)
+        save_audio(clean / f"{name}.wav", x, SR)
+        save_audio(noisy / f"{name}.wav", x + 0.01 * np.random.default_rng(1).standard_normal(x.size), SR)
+    save_audio(clean / "p226_003.wav", tone_speech(0.6, 1), SR)
+    save_audio(noisy / "p226_003.wav", tone_speech(0.5, 1), SR)
+    save_audio(noisy / "p226_004.wav", tone_speech(0.5, 2), SR)
+    save_audio(clean / "p999_001.wav", tone_speech(0.5, 3), SR)
+    return root
+
+
+def test_paired_dataset_matches_and_reports(voicebank: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="paragse.data"):
+        ds = data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1)
+    assert ds.names == ["p226_001.wav", "p226_002.wav", "p226_003.wav", "p287_010.wav"]
+    assert ds.unmatched_degraded == ["p226_004.wav"] and ds.unmatched_clean == ["p999_001.wav"]
+    assert ds.length_mismatched == ["p226_003.wav"]
+    for name in ("p226_004.wav", "p999_001.wav", "p226_003.wav"):
+        assert name in caplog.text
+    noisy, clean = ds[0]
+    assert noisy.shape == clean.shape == (4000,)
+    assert torch.allclose(noisy, clean, atol=0.06)  # same offset for both
+    assert torch.equal(ds[0][0], data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1)[0][0])
+    whole = data.PairedDataset.voicebank(voicebank, "train", None, seed=0)
+    assert whole[2][0].shape == whole[2][1].shape == (int(0.5 * SR),)  # trimmed to the shorter
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_paired_dataset_skips_a_corrupt_pair(voicebank: Path, cache: bool, caplog: pytest.LogCaptureFixture) -> None:
+    bad = voicebank / "clean_trainset_28spk_wav" / "p226_002.wav"
+    bad.write_bytes(b"RIFF junk that is no wav file")
+    with caplog.at_level(logging.WARNING, logger="paragse.data"):
+        ds = data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1, cache=cache)
+    assert str(bad) in caplog.text
+    assert ds.skipped == ["p226_002.wav"] and "p226_002.wav" not in ds.names and len(ds) == 3
+    noisy, clean = ds[1]
+    assert torch.allclose(noisy, clean, atol=0.06)  # still aligned pairs
+
+
+def test_corrupt_file_is_skipped_with_a_warning(clean_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = clean_dir / "spk9" / "broken.wav"
+    bad.parent.mkdir()
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    for cache in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="paragse.data"):
+            ds = data.CleanSegmentDataset(clean_dir, 4000, seed=0, cache=cache)
+        assert str(bad) in caplog.text and "skipping" in caplog.text
+        assert ds.skipped == [str(bad)] and len(ds.files) == 3
+        assert ds[0].shape == (4000,)
+
+
+def test_file_that_breaks_after_construction_is_skipped(clean_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ds = data.CleanSegmentDataset(clean_dir, None, seed=0, cache=False)
+    victim = ds.files[0]
+    victim.write_bytes(b"garbage")  # e.g. overwritten while a training run is going on
+    with caplog.at_level(logging.WARNING, logger="paragse.data"):
+        item = ds[0]
+    assert str(victim) in caplog.text
+    assert item.shape == (len(sf.read(ds.files[1])[0]),)  # the next file stands in
+
+
+# ------------------------------------------------------------------------------------------------- examples
+def test_examples_are_present_complete_and_small() -> None:
+    manifest = EXAMPLES / "manifest.csv"
+    assert manifest.is_file(), "run `python prepare_data.py examples`"
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"file", "condition", "parameters"}
+    conditions = {row["condition"] for row in rows}
+    assert conditions == {"clean", *data.CONDITIONS}
+    for row in rows:
+        path = EXAMPLES / row["file"]
+        assert path.is_file(), path
+        info = sf.info(str(path))
+        assert info.samplerate == SR and info.channels == 1 and info.subtype == "PCM_16"
+        assert 3.0 <= info.duration <= 6.0
+        json.loads(row["parameters"])
+        if row["condition"] != "clean":
+            assert Path(row["file"]).parts[:2] == ("degraded", row["condition"])
+    clean_names = {Path(r["file"]).name for r in rows if r["condition"] == "clean"}
+    for condition in data.CONDITIONS:
+        assert {Path(r["file"]).name for r in rows if r["condition"] == condition} == clean_names
+    assert (EXAMPLES / "NOTICE").is_file() and "CC-BY-SA-3.0" in (EXAMPLES / "NOTICE").read_text()
+    total = sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
+    assert total < 3_000_000
