@@ -48,15 +48,38 @@ def loop_to_length(noise: np.ndarray, length: int, rng: np.random.Generator) -> 
     return np.take(noise, np.arange(start, start + length), mode="wrap")
 
 
-def add_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+def _audible_noise_segment(noise: np.ndarray, length: int, rng: np.random.Generator,
+                           min_relative_power_db: float, tries: int = 10) -> np.ndarray:
+    """A looped/cropped noise segment that is not one of the file's near-silent stretches.
+
+    Sparse noises (a bark, then silence) would otherwise have their silence scaled up to the target SNR,
+    turning dither into loud hiss. Up to `tries` offsets; the first loud enough wins, else the loudest.
+    """
+    floor = signal_power(noise) * 10.0 ** (min_relative_power_db / 10.0)
+    best, best_power = None, -1.0
+    for _ in range(tries):
+        segment = loop_to_length(noise, length, rng).astype(np.float64)
+        power = signal_power(segment)
+        if power >= floor:
+            return segment
+        if power > best_power:
+            best, best_power = segment, power
+    return best
+
+
+def add_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float, rng: np.random.Generator,
+              min_relative_power_db: float = -30.0) -> np.ndarray:
     """clean + noise (looped/cropped at a random offset), the noise scaled so the SNR is exactly `snr_db`.
 
-    (T,) + (any length) -> (T,). A clean signal of zero power gets no noise (its SNR is undefined).
+    (T,) + (any length) -> (T,). The offset avoids stretches more than `min_relative_power_db` below the noise
+    file's mean power. A clean signal of zero power gets no noise (its SNR is undefined).
     """
-    segment = loop_to_length(noise, clean.size, rng).astype(np.float64)
+    if signal_power(noise) == 0.0:
+        raise ValueError("noise signal is silent (zero power)")
+    segment = _audible_noise_segment(noise, clean.size, rng, min_relative_power_db)
     noise_power = signal_power(segment)
     if noise_power == 0.0:
-        raise ValueError("noise signal is silent (zero power)")
+        raise ValueError("noise signal is silent over every offset tried")
     gain = math.sqrt(signal_power(clean) / (noise_power * 10.0 ** (snr_db / 10.0)))
     return (clean.astype(np.float64) + gain * segment).astype(np.float32)
 
@@ -106,7 +129,8 @@ def _random_positions(rng: np.random.Generator, room: np.ndarray, config: dict) 
         if low_d <= np.linalg.norm(source - mic) <= high_d:
             return source, mic
     raise UserError(
-        f"data.degradation: no source/microphone placement fits rir_source_mic_distance {config['rir_source_mic_distance']}"
+        f"data.degradation: no source/microphone placement fits rir_source_mic_distance "
+        f"{config['rir_source_mic_distance']}"
         f" in rooms of {room.round(2).tolist()} m with rir_wall_margin {margin}")
 
 
@@ -128,7 +152,8 @@ def simulate_rir(rng: np.random.Generator, config: dict, sample_rate: int) -> tu
         except ValueError:  # this room is too small to reach that RT60 even with rigid walls
             continue
     else:
-        raise UserError(f"data.degradation: rooms between {low.tolist()} and {high.tolist()} m cannot reach RT60 {config['rt60']}")
+        raise UserError(f"data.degradation: rooms between {low.tolist()} and {high.tolist()} m cannot reach "
+                        f"RT60 {config['rt60']}")
     source, mic = _random_positions(rng, room_dim, config)
     room = pra.ShoeBox(room_dim, fs=sample_rate, materials=pra.Material(absorption),
                        max_order=int(config["rir_ism_order"]), ray_tracing=True,
@@ -174,7 +199,7 @@ class AudioBank:
 
 
 def load_bank(root_or_files: str | Path | Sequence[str | Path], sample_rate: int, what: str) -> AudioBank:
-    """Every readable, non-silent audio file of a folder (or list) in memory; unusable files are skipped with a warning."""
+    """Every readable, non-silent audio file of a folder (or list), in memory; others are skipped with a warning."""
     files = resolve_files(root_or_files, what)
     bank = AudioBank([], [], [])
     for path in files:
@@ -235,7 +260,7 @@ def degrade(clean: np.ndarray, rng: np.random.Generator, config: dict, noise_ban
     if condition in ("noise", "mixture"):
         noise, name, _ = (noise_bank or AudioBank([])).pick(rng, "noise")
         snr = _uniform(rng, config["snr_db" if condition == "noise" else "mixture_snr_db"])
-        x = add_noise(x, noise, snr, rng)
+        x = add_noise(x, noise, snr, rng, float(config["noise_min_relative_power_db"]))
         description |= {"noise": name, "snr_db": round(snr, 3)}
     if condition == "bandlimit":
         rate = int(rng.choice(config["bandlimit_rates"]))
@@ -359,6 +384,13 @@ class _FileStore:
     def __len__(self) -> int:
         return len(self.files)
 
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only the files at `indices` (in that order)."""
+        self.files = [self.files[i] for i in indices]
+        self.lengths = [self.lengths[i] for i in indices]
+        if self._audio:
+            self._audio = [self._audio[i] for i in indices]
+
     def load(self, i: int) -> np.ndarray | None:
         """File i as float32, or None if it fails to decode now (warned once per process)."""
         if self.cache:
@@ -474,10 +506,9 @@ class PairedDataset(Dataset):
         return cls(Path(root) / noisy, Path(root) / clean, segment_length, seed, **kwargs)
 
     def _pair_up(self, relatives: list[Path], cache: bool) -> None:
-        kept_degraded, kept_clean, lengths = [], [], []
+        kept: list[Path] = []
         for rel in relatives:
-            pair = (self.degraded_root / rel, self.clean_root / rel)
-            probes = [_probe_length(p, self.sample_rate) for p in pair]
+            probes = [_probe_length(root / rel, self.sample_rate) for root in (self.degraded_root, self.clean_root)]
             if None in probes:
                 self.skipped.append(str(rel))
                 continue
@@ -485,15 +516,21 @@ class PairedDataset(Dataset):
                 self.length_mismatched.append(str(rel))
                 log.warning("pair %s: degraded has %d samples, clean %d; trimming both to %d",
                             rel, probes[0], probes[1], min(probes))
-            kept_degraded.append(pair[0])
-            kept_clean.append(pair[1])
-            self.names.append(str(rel))
-        self._degraded = _FileStore(kept_degraded, self.sample_rate, cache)
-        self._clean = _FileStore(kept_clean, self.sample_rate, cache)
-        if len(self._degraded) != len(self.names) or len(self._clean) != len(self.names):
-            raise UserError(f"{self.degraded_root}: audio failed to decode while caching (see the warnings above)")
+            kept.append(rel)
+        self._degraded = _FileStore([self.degraded_root / rel for rel in kept], self.sample_rate, cache)
+        self._clean = _FileStore([self.clean_root / rel for rel in kept], self.sample_rate, cache)
+        # A file whose header reads but whose audio does not decode is dropped from one side while caching:
+        # keep the two sides aligned on the pairs that survived in both.
+        degraded_index = {p.relative_to(self.degraded_root): i for i, p in enumerate(self._degraded.files)}
+        clean_index = {p.relative_to(self.clean_root): i for i, p in enumerate(self._clean.files)}
+        survivors = [rel for rel in kept if rel in degraded_index and rel in clean_index]
+        self.skipped += [str(rel) for rel in kept if rel not in degraded_index or rel not in clean_index]
+        self._degraded.keep([degraded_index[rel] for rel in survivors])
+        self._clean.keep([clean_index[rel] for rel in survivors])
+        self.names = [str(rel) for rel in survivors]
         if not self.names:
-            raise UserError(f"no pairs matched by relative path between {self.degraded_root} and {self.clean_root}")
+            raise UserError(f"no usable pairs matched by relative path between {self.degraded_root} and "
+                            f"{self.clean_root}")
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new segment offsets for a new epoch."""
