@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from utils import UserError
-from torch.nn.utils.parametrizations import weight_norm
 
 
 @dataclass
@@ -25,13 +26,21 @@ class QuantizerOutput:
 
 
 class VectorQuantizer(nn.Module):
-    """One codebook: 1x1 projection in, cosine nearest neighbour, straight-through, 1x1 projection out."""
+    """One codebook: 1x1 projection in, cosine nearest neighbour, straight-through, 1x1 projection out.
 
-    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int):
+    In training, codes whose running use falls below `dead_code_threshold` (uses per batch, exponential moving
+    average) are restarted on encoder outputs of the current batch: without this, short CPU runs collapse onto a
+    few percent of the codebook.
+    """
+
+    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int, dead_code_threshold: float = 0.0,
+                 usage_decay: float = 0.99):
         super().__init__()
         self.in_proj = weight_norm(nn.Conv1d(input_dim, codebook_dim, 1))
         self.out_proj = weight_norm(nn.Conv1d(codebook_dim, input_dim, 1))
         self.codebook = nn.Embedding(codebook_size, codebook_dim)
+        self.dead_code_threshold, self.usage_decay = dead_code_threshold, usage_decay
+        self.register_buffer("usage", torch.ones(codebook_size))
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, input_dim, frames) -> (output, tokens (batch, frames), codebook_loss, commitment_loss)."""
@@ -41,7 +50,28 @@ class VectorQuantizer(nn.Module):
         codebook_loss = F.mse_loss(codes, projected.detach())
         commitment_loss = F.mse_loss(projected, codes.detach())
         straight_through = projected + (codes - projected).detach()
+        if self.training and self.dead_code_threshold > 0:
+            self.restart_dead_codes(projected, tokens)
         return self.out_proj(straight_through), tokens, codebook_loss, commitment_loss
+
+    @torch.no_grad()
+    def restart_dead_codes(self, projected: torch.Tensor, tokens: torch.Tensor) -> None:
+        counts = torch.bincount(tokens.flatten(), minlength=self.usage.shape[0]).float()
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+            counts /= dist.get_world_size()
+        self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        dead = self.usage < self.dead_code_threshold
+        count = int(dead.sum())
+        if count == 0:
+            return
+        candidates = projected.detach().transpose(1, 2).reshape(-1, projected.shape[1])
+        picks = torch.randint(candidates.shape[0], (count,), device=candidates.device)
+        self.codebook.weight.data[dead] = candidates[picks].to(self.codebook.weight.dtype)
+        self.usage[dead] = 1.0
+        if distributed:  # every replica must hold the same codebook
+            dist.broadcast(self.codebook.weight.data, 0)
 
     def nearest(self, projected: torch.Tensor) -> torch.Tensor:
         latent = F.normalize(projected.transpose(1, 2), dim=-1)  # (batch, frames, codebook_dim)
@@ -56,7 +86,7 @@ class VectorQuantizer(nn.Module):
 class GroupVectorQuantizer(nn.Module):
     """Split the latent into `num_groups` channel groups, each with its own VQ: token n sees only group n."""
 
-    def __init__(self, latent_dim: int, num_groups: int, codebook_size: int, codebook_dim: int):
+    def __init__(self, latent_dim: int, num_groups: int, codebook_size: int, codebook_dim: int, **restart: float):
         super().__init__()
         if latent_dim % num_groups:
             raise UserError(f"latent_dim {latent_dim} is not divisible by num_groups {num_groups}")
@@ -64,7 +94,7 @@ class GroupVectorQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.group_dim = latent_dim // num_groups
         self.quantizers = nn.ModuleList(
-            VectorQuantizer(self.group_dim, codebook_size, codebook_dim) for _ in range(num_groups)
+            VectorQuantizer(self.group_dim, codebook_size, codebook_dim, **restart) for _ in range(num_groups)
         )
 
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
@@ -90,12 +120,13 @@ class GroupVectorQuantizer(nn.Module):
 class ResidualVectorQuantizer(nn.Module):
     """Quantise the whole latent, then each residual in turn: stream k refines streams < k (serial)."""
 
-    def __init__(self, latent_dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int):
+    def __init__(self, latent_dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int,
+                 **restart: float):
         super().__init__()
         self.num_streams = num_quantizers
         self.codebook_size = codebook_size
         self.quantizers = nn.ModuleList(
-            VectorQuantizer(latent_dim, codebook_size, codebook_dim) for _ in range(num_quantizers)
+            VectorQuantizer(latent_dim, codebook_size, codebook_dim, **restart) for _ in range(num_quantizers)
         )
 
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
@@ -126,8 +157,8 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 def build_quantizer(latent_dim: int, config: dict) -> GroupVectorQuantizer | ResidualVectorQuantizer:
-    if config["type"] == "gvq":
-        return GroupVectorQuantizer(latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"])
-    if config["type"] == "rvq":
-        return ResidualVectorQuantizer(latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"])
-    raise UserError(f"codec.quantizer.type must be 'gvq' or 'rvq', got '{config['type']}'")
+    kinds = {"gvq": GroupVectorQuantizer, "rvq": ResidualVectorQuantizer}
+    if config["type"] not in kinds:
+        raise UserError(f"codec.quantizer.type must be 'gvq' or 'rvq', got '{config['type']}'")
+    return kinds[config["type"]](latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"],
+                                 dead_code_threshold=config["dead_code_threshold"], usage_decay=config["usage_decay"])
