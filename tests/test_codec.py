@@ -125,3 +125,20 @@ def test_unknown_config_key_is_refused_by_name(tmp_path):
     bad.write_text('{"codec": {"encoder": {"dimm": 3}}}')
     with pytest.raises(UserError, match="codec.encoder.dimm"):
         load_config(bad)
+
+
+def test_exported_half_precision_checkpoint_loads_and_sounds_the_same(tmp_path, speech):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import export_model
+
+    seed_everything(4)
+    codec = Codec.from_config(load_config(TINY_CONFIG)).eval()
+    payload = codec.checkpoint_payload() | {"optimizer_g": {"state": {}}, "step": 7, "compute_seconds": 1.0}
+    torch.save(payload, tmp_path / "train.pt")
+    assert export_model.main([str(tmp_path / "train.pt"), str(tmp_path / "small.pt"), "--half"]) == 0
+    small = torch.load(tmp_path / "small.pt", weights_only=False)
+    assert "optimizer_g" not in small and small["step"] == 7
+    wav = torch.from_numpy(speech)[None]
+    with torch.inference_mode():
+        full, half = codec.decode(codec.encode(wav)), Codec.load(tmp_path / "small.pt").decode(codec.encode(wav))
+    assert (full - half).abs().max() < 1e-2 * full.abs().max()

@@ -1,0 +1,52 @@
+"""Strip a training checkpoint down to what inference needs (weights, config, codec), optionally in float16.
+
+    python scripts/export_model.py training/demo_paragse/checkpoint_00020000.pt pretrained/demo_paragse.pt --half
+
+The result loads with `Codec.load` / `models.load_enhancer` like any checkpoint (float16 weights are cast back to
+float32 on load); it keeps the step and compute hours for the model card.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils import UserError, load_checkpoint, save_checkpoint  # noqa: E402
+
+KEEP = ("kind", "config", "model", "step", "compute_seconds")
+
+
+def slim(payload: dict, half: bool) -> dict:
+    def cast(state: dict) -> dict:
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+
+    out = {key: payload[key] for key in KEEP if key in payload}
+    out["model"] = cast(payload["model"])
+    if "codec" in payload:  # an enhancer's codec: weights and config only
+        out["codec"] = {key: payload["codec"][key] for key in ("kind", "config", "model")}
+        out["codec"]["model"] = cast(payload["codec"]["model"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
+    args = p.parse_args(argv)
+    try:
+        payload = load_checkpoint(args.checkpoint)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_checkpoint(args.output, slim(payload, args.half))
+    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB ({payload['kind']}, step {payload.get('step')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
