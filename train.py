@@ -189,6 +189,12 @@ class StopRequest:
         self.requested = True
 
 
+def compute_clock(device: torch.device):
+    """CPU-seconds of this process (all its threads) on CPU, so a busy or paused machine does not inflate the
+    compute-hours axis of the learning curves; wall seconds on GPUs."""
+    return time.process_time if device.type == "cpu" else time.time
+
+
 class TrainingDiverged(Exception):
     """Training cannot go on (e.g. the loss stays NaN); reported in one line, exit code 1."""
 
@@ -348,7 +354,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         codec_ddp, disc_ddp = codec, disc
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    clock = compute_clock(device)
 
     saved_at = [step if resumed else -1]
 
@@ -364,7 +370,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
 
     codec_ddp.train()
     disc_ddp.train()
-    started = time.time()
+    started = clock()
     for clean in loader:
         if step >= max_steps or stop.requested:
             break
@@ -412,8 +418,8 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         sched_g.step()
         sched_d.step()
         step += 1
-        now = time.time()
-        compute_seconds += (now - started) * threads  # CPU-seconds on CPU (threads vary across resumes), else wall
+        now = clock()
+        compute_seconds += now - started
         started = now
         compute_hours = compute_seconds / 3600
 
@@ -515,7 +521,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         if world > 1 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    clock = compute_clock(device)
 
     saved_at = [step if resumed else -1]
 
@@ -528,7 +534,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
             log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
 
     ddp.train()
-    started = time.time()
+    started = clock()
     for degraded, clean in loader:
         if step >= max_steps or stop.requested:
             break
@@ -549,8 +555,8 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
             grad_norm = torch.zeros(())
         scheduler.step()
         step += 1
-        now = time.time()
-        compute_seconds += (now - started) * threads  # CPU-seconds on CPU (threads vary across resumes), else wall
+        now = clock()
+        compute_seconds += now - started
         started = now
         compute_hours = compute_seconds / 3600
 

@@ -26,6 +26,10 @@ class ChannelLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
+    def forward_frames_last(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, frames) -> normalised (batch, frames, channels), left in that layout."""
+        return super().forward(x.transpose(1, 2))
+
 
 class GlobalResponseNorm(nn.Module):
     """ConvNeXt-v2 GRN on (batch, frames, channels): boosts channels with large energy over time."""
@@ -39,6 +43,17 @@ class GlobalResponseNorm(nn.Module):
         energy = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         relative = energy / (energy.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * relative) + self.beta + x
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in three passes over x instead of five: x * (1 + gamma * relative) + beta.
+
+        The norm comes from a contiguous sum of squares (linalg.vector_norm over the frame axis walks memory with
+        a stride, about 12x slower here) and the affine steps fold into one addcmul. Rounding differs from
+        `forward` (relative error ~1e-6), so only paths that tolerate that use it.
+        """
+        energy = x.square().sum(dim=1, keepdim=True).sqrt_()
+        relative = energy / (energy.mean(dim=-1, keepdim=True) + 1e-6)
+        return torch.addcmul(self.beta, x, torch.addcmul(torch.ones_like(relative), self.gamma, relative))
 
 
 class ConvNeXtBlock(nn.Module):
@@ -57,20 +72,48 @@ class ConvNeXtBlock(nn.Module):
         y = self.project(self.grn(F.gelu(self.expand(y))))
         return x + y.transpose(1, 2)
 
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` on a frames-last layout, (batch, frames, dim) -> (batch, frames, dim), without copies.
+
+        The depthwise conv runs as a 2-D conv on a channels-last view, so its output is already (frames, dim)
+        in memory for the LayerNorm and the Linears: no transposed copies, and oneDNN's channels-last depthwise
+        kernel was faster here than the channels-first one. Rounding differs slightly from `forward`.
+        """
+        conv = self.depthwise
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.padding[0]),
+                     groups=conv.groups)  # (batch, dim, 1, frames), stored channels-last
+        y = self.norm(y.squeeze(2).transpose(1, 2))
+        return x + self.project(self.grn.fast_forward(F.gelu(self.expand(y))))
+
 
 class ConvNeXtStack(nn.Module):
-    """LayerNorm, ConvNeXt blocks, LayerNorm, Linear: the trunk shared by encoder and decoder."""
+    """LayerNorm, ConvNeXt blocks, LayerNorm, Linear: the trunk shared by encoder and decoder.
 
-    def __init__(self, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int):
+    `exact=False` lets gradient-free calls take the blocks' fast path (frames-last layout, fused GRN), whose
+    rounding differs by ~1e-6. The encoder keeps the exact path: its output is arg-maxed into tokens, and a
+    rounding change could flip a near-tie. The decoder's waveform changes by < 1e-6, far below a 16-bit step.
+    Measured on 10 s at the paper size: decoder 0.040 -> 0.029 s per audio second on one core.
+    """
+
+    def __init__(self, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int, exact: bool = True):
         super().__init__()
+        self.exact = exact
         self.norm_in = ChannelLayerNorm(dim)
         self.blocks = nn.Sequential(*(ConvNeXtBlock(dim, intermediate_dim, kernel_size) for _ in range(num_blocks)))
         self.norm_out = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.exact and not torch.is_grad_enabled():
+            return self._fast_forward(x)
         x = self.blocks(self.norm_in(x))
         return self.linear(self.norm_out(x.transpose(1, 2))).transpose(1, 2)
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm_in.forward_frames_last(x)  # (batch, frames, dim) from here on
+        for block in self.blocks:
+            x = block.fast_forward(x)
+        return self.linear(self.norm_out(x)).transpose(1, 2)
 
 
 class Encoder(nn.Module):
@@ -101,7 +144,7 @@ class Decoder(nn.Module):
             nn.ConvTranspose1d(dim, dim, upsample_kernel, stride=upsample, padding=(upsample_kernel - upsample) // 2)
         )
         self.conv_mid = nn.Conv1d(dim, dim, kernel_size, padding=pad)
-        self.trunk = ConvNeXtStack(dim, intermediate_dim, num_blocks, kernel_size)
+        self.trunk = ConvNeXtStack(dim, intermediate_dim, num_blocks, kernel_size, exact=False)
         self.conv_out = weight_norm(nn.Conv1d(dim, mdct_bins, kernel_size, padding=pad))
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:

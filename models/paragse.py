@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.conformer import ConformerStack, GroupedBiLSTM, GroupedLinear
+from models.conformer import ConformerStack, GroupedBiLSTM, GroupedLinear, concurrency, run_concurrently, split_groups
 from utils import UserError, load_state_dict_checked, stft, validate_config
 
 
@@ -78,12 +78,26 @@ class TokenBranches(nn.Module):
         self.register_buffer("offsets", offsets.view(num_groups, 1, 1), persistent=False)
 
     def forward(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
-        """branch (batch, frames, dim), degraded_tokens (batch, groups, frames) -> (batch, groups, frames, codes)."""
-        embedded = self.embedding(degraded_tokens.transpose(0, 1) + self.offsets)  # (G, B, F, emb)
-        shared = branch[None].expand(self.num_groups, -1, -1, -1)
-        x = self.fuse(torch.cat([embedded, shared], dim=-1))
-        x = x + self.lstm(x)
-        return self.logits(self.conformers(x)).transpose(0, 1)
+        """branch (batch, frames, dim), degraded_tokens (batch, groups, frames) -> (batch, groups, frames, codes).
+
+        At inference with several threads the groups are cut into one part per thread and the parts run as
+        concurrent single-threaded tasks (see models.conformer); the logits are bit-identical either way.
+        """
+        parts = split_groups(self.num_groups, 1 if self.training else concurrency())
+        if len(parts) == 1:
+            return self._forward_groups(branch, degraded_tokens, None)
+        return torch.cat(run_concurrently([lambda part=part: self._forward_groups(branch, degraded_tokens, part)
+                                           for part in parts]), dim=1)
+
+    def _forward_groups(self, branch: torch.Tensor, degraded_tokens: torch.Tensor, part: slice | None) -> torch.Tensor:
+        """The branches of the groups in `part` (all when None) -> (batch, len(part), frames, codes)."""
+        offsets = self.offsets if part is None else self.offsets[part]
+        tokens = degraded_tokens if part is None else degraded_tokens[:, part]
+        embedded = self.embedding(tokens.transpose(0, 1) + offsets)  # (G, B, F, emb)
+        shared = branch[None].expand(embedded.shape[0], -1, -1, -1)
+        x = self.fuse(torch.cat([embedded, shared], dim=-1), part)
+        x = x + self.lstm(x, part)
+        return self.logits(self.conformers(x, part), part).transpose(0, 1)
 
 
 class ParaGSE(nn.Module):
@@ -98,16 +112,30 @@ class ParaGSE(nn.Module):
 
     def forward(self, degraded_wav: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
         """-> group_logits (batch, groups, frames, codebook_size)."""
-        branch = self.branch(stft_features(degraded_wav, self.config))
+        return self.logits_from_condition(self.condition(degraded_wav), degraded_tokens)
+
+    def condition(self, degraded_wav: torch.Tensor) -> torch.Tensor:
+        """The part that needs no tokens: degraded STFT -> branch output (batch, frames, dim).
+
+        Split out so inference can compute it while the codec encodes the same audio (inference.Enhancer).
+        """
+        return self.branch(stft_features(degraded_wav, self.config))
+
+    def logits_from_condition(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
+        """branch output (batch, frames, dim) and degraded tokens -> group_logits (batch, groups, frames, codes)."""
         frames = degraded_tokens.shape[-1]
         if branch.shape[1] != frames:
             raise UserError(f"STFT branch gives {branch.shape[1]} frames but there are {frames} token frames; "
                              "pad the waveform with Codec.pad first")
         return self.token_branches(branch, degraded_tokens)
 
+    def tokens_from_condition(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
+        """One non-iterative pass from the branch output: arg-max of every group's logits -> (batch, groups, frames)."""
+        return self.logits_from_condition(branch, degraded_tokens).argmax(dim=-1)
+
     def predict_tokens(self, degraded_wav: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
         """One non-iterative pass: arg-max of every group's logits -> (batch, groups, frames)."""
-        return self.forward(degraded_wav, degraded_tokens).argmax(dim=-1)
+        return self.tokens_from_condition(self.condition(degraded_wav), degraded_tokens)
 
     def checkpoint_payload(self, codec_payload: dict) -> dict:
         return {"kind": self.kind, "config": self.config, "model": self.state_dict(), "codec": codec_payload}

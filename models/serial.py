@@ -40,8 +40,18 @@ class SerialEnhancer(nn.Module):
         )
         self.logits = nn.ModuleList(nn.Linear(dim, codec.codebook_size) for _ in range(self.num_quantizers))
 
+    def condition(self, degraded_wav: torch.Tensor) -> torch.Tensor:
+        """The part that needs no tokens: degraded STFT -> branch output (batch, frames, dim).
+
+        Split out, as in ParaGSE, so inference can compute it while the codec encodes the same audio.
+        """
+        return self.branch(stft_features(degraded_wav, self.config))
+
     def _run(self, degraded_wav: torch.Tensor, teacher_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        branch = self.branch(stft_features(degraded_wav, self.config))  # (batch, frames, dim)
+        return self._generate(self.condition(degraded_wav), teacher_tokens)
+
+    def _generate(self, branch: torch.Tensor, teacher_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K generators in sequence from the branch output -> (group_logits, tokens)."""
         summed = branch.new_zeros(*branch.shape[:2], self.code_vectors.shape[-1])
         all_logits, tokens = [], []
         for k in range(self.num_quantizers):
@@ -64,6 +74,10 @@ class SerialEnhancer(nn.Module):
     def predict_tokens(self, degraded_wav: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
         """Serial decoding with its own predictions -> (batch, quantizers, frames)."""
         return self._run(degraded_wav, None)[1]
+
+    def tokens_from_condition(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
+        """Serial decoding from the branch output (`condition`) -> (batch, quantizers, frames)."""
+        return self._generate(branch, None)[1]
 
     def checkpoint_payload(self, codec_payload: dict) -> dict:
         return {"kind": self.kind, "config": self.config, "model": self.state_dict(), "codec": codec_payload}
