@@ -128,7 +128,17 @@ def make_loader(ds: Dataset, batch_size: int, seed: int, start_step: int, rank: 
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                       # Own generator: otherwise starting the loader draws from the global RNG and a resumed
                       # run would diverge from an uninterrupted one.
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and then stops them.
+
+    Ctrl-C and `kill` of a job signal every process of it; a worker dying first would crash the main process
+    before it could save.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -226,6 +236,19 @@ class RunLog:
         self.enabled = enabled
         self.csv_path = directory / "log.csv"
         self.writer = SummaryWriter(str(directory / "tensorboard")) if enabled else None
+
+    def rewind(self, step: int) -> None:
+        """Drop rows logged after `step`: a run resumed from that checkpoint logs them again, identically."""
+        if not (self.enabled and self.csv_path.exists()):
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= step]
+        if len(kept) < len(rows):
+            tmp = self.csv_path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            tmp.replace(self.csv_path)
 
     def scalars(self, step: int, values: dict[str, float], compute_hours: float) -> None:
         if not self.enabled:
@@ -354,6 +377,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         codec_ddp, disc_ddp = codec, disc
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
+    run_log.rewind(step)
     clock = compute_clock(device)
 
     saved_at = [step if resumed else -1]
@@ -521,6 +545,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         if world > 1 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
+    run_log.rewind(step)
     clock = compute_clock(device)
 
     saved_at = [step if resumed else -1]

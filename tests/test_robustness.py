@@ -225,12 +225,16 @@ def _config_with(tmp_path, **run):
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path, speech):
     save_audio(tmp_path / "data" / "a.wav", speech)
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "train.py", *_codec_argv(run_dir, tmp_path / "data", 100000)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config = json.loads(TINY_CONFIG.read_text())
+    config["data"]["num_workers"] = 1  # `kill` of the job signals the loader's worker too
+    (tmp_path / "workers.json").write_text(json.dumps(config))
+    argv = _codec_argv(run_dir, tmp_path / "data", 100000, tmp_path / "workers.json")
+    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not (run_dir / "log.csv").exists() and time.time() < deadline:  # first log line: mid-run for sure
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # the whole process group, as a shell's `kill %1` or Ctrl-C would
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert "SIGTERM" in output
@@ -239,8 +243,9 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, speech):
     assert 0 < step < 100000
 
     # Restarting continues from that step: two more steps give exactly what an uninterrupted run gives.
-    assert train.main(_codec_argv(run_dir, tmp_path / "data", step + 2)) == 0
-    assert train.main(_codec_argv(tmp_path / "straight", tmp_path / "data", step + 2)) == 0
+    config = tmp_path / "workers.json"
+    assert train.main(_codec_argv(run_dir, tmp_path / "data", step + 2, config)) == 0
+    assert train.main(_codec_argv(tmp_path / "straight", tmp_path / "data", step + 2, config)) == 0
     resumed = torch.load(sorted(run_dir.glob("checkpoint_*.pt"))[-1], weights_only=False)
     straight = torch.load(sorted((tmp_path / "straight").glob("checkpoint_*.pt"))[-1], weights_only=False)
     assert resumed["step"] == straight["step"] == step + 2
