@@ -56,7 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import inference  # noqa: E402
 from models.codec import Codec  # noqa: E402
-from models.conformer import GroupedBiLSTM, quantize_predictor  # noqa: E402
+from models.conformer import GroupedBiLSTM  # noqa: E402
+from models.int8 import quantize_predictor  # noqa: E402
 from models.paragse import ParaGSE, stft_features  # noqa: E402
 from models.serial import SerialEnhancer  # noqa: E402
 from utils import REPO_ROOT, UserError, count_parameters, load_audio, load_config, seed_everything  # noqa: E402

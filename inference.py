@@ -33,7 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from models import load_enhancer  # noqa: E402
 from models.codec import Codec  # noqa: E402
-from models.conformer import quantize_predictor, run_concurrently  # noqa: E402
+from models.conformer import run_concurrently  # noqa: E402
+from models.int8 import quantize_predictor  # noqa: E402
 from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, padded_length,  # noqa: E402
                    resolve_device, save_audio)
 

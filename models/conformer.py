@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -299,80 +298,3 @@ class GroupedBiLSTM(nn.Module):
         y = torch.lstm(x, (zeros, zeros), self._direction_weights(g, layer, direction), True, 1, 0.0, self.training,
                        False, True)[0]
         return y.flip(1) if direction else y
-
-
-# ------------------------------------------------------------------------------------- int8 dynamic quantisation
-# torch.ao.quantization.quantize_dynamic only converts nn.Linear / nn.LSTM. The grouped modules hold G weight sets
-# in stacked tensors, which it does not recognise, so for a quantised model each group is unpacked into a standard
-# nn.Linear / nn.LSTM and those are quantised (fbgemm int8 kernels, per-output-channel weight scales, activations
-# quantised on the fly). Inference only: the quantised modules cannot be trained or saved as a checkpoint.
-_INT8 = torch.ao.quantization.per_channel_dynamic_qconfig
-
-
-def _quantize_dynamic(module: nn.Module, layer_type: type[nn.Module], inplace: bool = False) -> nn.Module:
-    """torch.ao.quantization.quantize_dynamic of every `layer_type` in `module` to int8.
-
-    torch 2.13 flags eager-mode quantisation as deprecated in favour of torchao (not a dependency here) but still
-    ships and runs it; its warnings would only repeat that on every conversion, so they are silenced here.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*", category=UserWarning)
-        return torch.ao.quantization.quantize_dynamic(module, {layer_type: _INT8}, dtype=torch.qint8, inplace=inplace)
-
-
-class QuantizedGroupedLinear(nn.Module):
-    """Int8 dynamic-quantised stand-in for a GroupedLinear: one quantised nn.Linear per group."""
-
-    def __init__(self, linear: GroupedLinear):
-        super().__init__()
-        groups, in_features, out_features = linear.weight.shape
-        dense = nn.ModuleList(nn.Linear(in_features, out_features, bias=linear.bias is not None) for _ in range(groups))
-        with torch.no_grad():
-            for g, layer in enumerate(dense):
-                layer.weight.copy_(linear.weight[g].t())
-                if linear.bias is not None:
-                    layer.bias.copy_(linear.bias[g, 0])
-        self.per_group = _quantize_dynamic(dense.eval(), nn.Linear)
-
-    def forward(self, x: torch.Tensor, part: slice | None = None) -> torch.Tensor:
-        g, b, t, c = x.shape
-        layers = self.per_group if part is None else self.per_group[part]
-        flat = x.reshape(g, b * t, c)
-        return torch.stack([layer(flat[i]) for i, layer in enumerate(layers)]).view(g, b, t, -1)
-
-
-class QuantizedGroupedBiLSTM(nn.Module):
-    """Int8 dynamic-quantised stand-in for a GroupedBiLSTM: one quantised bidirectional nn.LSTM per group."""
-
-    def __init__(self, lstm: GroupedBiLSTM):
-        super().__init__()
-        input_size = lstm.weight_ih[0].shape[-1]
-        dense = nn.ModuleList(nn.LSTM(input_size, lstm.hidden_size, lstm.num_layers, batch_first=True,
-                                      bidirectional=True) for _ in range(lstm.groups))
-        with torch.no_grad():
-            for g, layer in enumerate(dense):
-                # nn.LSTM's parameters come in the same order as GroupedBiLSTM.group_weights (layer, direction).
-                for target, source in zip((w for ws in layer.all_weights for w in ws), lstm.group_weights(g)):
-                    target.copy_(source)
-        self.per_group = _quantize_dynamic(dense.eval(), nn.LSTM)
-
-    def forward(self, x: torch.Tensor, part: slice | None = None) -> torch.Tensor:
-        layers = self.per_group if part is None else self.per_group[part]
-        return torch.stack(run_concurrently([lambda i=i, layer=layer: layer(x[i])[0] for i, layer in enumerate(layers)]))
-
-
-def quantize_predictor(model: nn.Module) -> nn.Module:
-    """Int8 dynamic quantisation of a token predictor's Linear and LSTM layers, grouped ones included.
-
-    Converts `model` in place (convolutions, attention, norms and embeddings stay fp32) and returns it in eval mode.
-    """
-    model.eval()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GroupedLinear):
-                setattr(parent, name, QuantizedGroupedLinear(child))
-            elif isinstance(child, GroupedBiLSTM):
-                setattr(parent, name, QuantizedGroupedBiLSTM(child))
-    _quantize_dynamic(model, nn.Linear, inplace=True)
-    return model

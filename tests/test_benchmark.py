@@ -15,8 +15,8 @@ import benchmark
 import inference
 from conftest import EXAMPLES, REPO, TINY_CONFIG
 from models.codec import Codec
-from models.conformer import (GroupedBiLSTM, GroupedLinear, QuantizedGroupedBiLSTM, QuantizedGroupedLinear,
-                              split_groups)
+from models.conformer import GroupedBiLSTM, GroupedLinear, split_groups
+from models.int8 import QuantizedGroupedBiLSTM, QuantizedGroupedLinear
 from models.paragse import ParaGSE
 from models.serial import SerialEnhancer
 from utils import load_audio, load_config, save_audio, save_checkpoint, seed_everything
