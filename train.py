@@ -199,10 +199,21 @@ class StopRequest:
         self.requested = True
 
 
-def compute_clock(device: torch.device):
-    """CPU-seconds of this process (all its threads) on CPU, so a busy or paused machine does not inflate the
-    compute-hours axis of the learning curves; wall seconds on GPUs."""
-    return time.process_time if device.type == "cpu" else time.time
+class ComputeClock:
+    """Compute seconds spent training, carried across resumes: CPU-seconds of this process (all its threads) on
+    CPU, so a busy or paused machine does not inflate the compute-hours axis of the learning curves; wall seconds
+    on GPUs."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0):
+        self._now = time.process_time if device.type == "cpu" else time.time
+        self.seconds, self._last = seconds, self._now()
+
+    def tick(self) -> float:
+        """Add the time since the last tick; returns the total in hours."""
+        now = self._now()
+        self.seconds += now - self._last
+        self._last = now
+        return self.seconds / 3600
 
 
 class TrainingDiverged(Exception):
@@ -378,7 +389,6 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
     run_log.rewind(step)
-    clock = compute_clock(device)
 
     saved_at = [step if resumed else -1]
 
@@ -389,12 +399,12 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                 "discriminator": disc.state_dict(), "optimizer_g": opt_g.state_dict(),
                 "optimizer_d": opt_d.state_dict(), "scheduler_g": sched_g.state_dict(),
                 "scheduler_d": sched_d.state_dict(), "step": step,
-                "compute_seconds": compute_seconds, "rng": rng_state()}
+                "compute_seconds": clock.seconds, "rng": rng_state()}
             log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
 
     codec_ddp.train()
     disc_ddp.train()
-    started = clock()
+    clock = ComputeClock(device, compute_seconds)
     for clean in loader:
         if step >= max_steps or stop.requested:
             break
@@ -442,10 +452,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         sched_g.step()
         sched_d.step()
         step += 1
-        now = clock()
-        compute_seconds += now - started
-        started = now
-        compute_hours = compute_seconds / 3600
+        compute_hours = clock.tick()
 
         if rank == 0 and step % run["log_every"] == 0:
             scalars = {f"train/{k}": v.item() for k, v in terms.items()}
@@ -546,7 +553,6 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
     run_log.rewind(step)
-    clock = compute_clock(device)
 
     saved_at = [step if resumed else -1]
 
@@ -555,11 +561,11 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         if rank == 0:
             payload = model.checkpoint_payload(codec_payload) | {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "compute_seconds": compute_seconds, "rng": rng_state()}
+                "compute_seconds": clock.seconds, "rng": rng_state()}
             log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
 
     ddp.train()
-    started = clock()
+    clock = ComputeClock(device, compute_seconds)
     for degraded, clean in loader:
         if step >= max_steps or stop.requested:
             break
@@ -580,10 +586,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
             grad_norm = torch.zeros(())
         scheduler.step()
         step += 1
-        now = clock()
-        compute_seconds += now - started
-        started = now
-        compute_hours = compute_seconds / 3600
+        compute_hours = clock.tick()
 
         if rank == 0 and step % run["log_every"] == 0:
             scalars = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm),
