@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DEMO_ARGS ?=
 
 .PHONY: test demo setup clean-outputs
 
@@ -17,7 +18,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed
-	$(PY) demo.py
+	$(PY) demo.py $(DEMO_ARGS)
 
 clean-outputs:
 	rm -rf outputs

@@ -32,7 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 import dataset as data
 from models.codec import Codec
 from models.discriminator import MultiResolutionMDCTDiscriminator
-from models.losses import LogMel, discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
+from models.losses import LogMel, MultiScaleLogMel, discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
 from models.paragse import ParaGSE
 from models.serial import SerialEnhancer
 from utils import (UserError, count_parameters, find_audio_files, load_audio, load_checkpoint, load_config,
@@ -376,6 +376,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                  count_parameters(codec.decoder) / 1e6, count_parameters(disc) / 1e6)
 
     log_mel = LogMel.from_config(config).to(device)
+    multi_scale_mel = MultiScaleLogMel.from_config(config).to(device) if loss_cfg["multi_scale_mel"] > 0 else None
     train_set = data.CleanSegmentDataset(require_dir(args.train_dir, "--train_dir"), train_cfg["segment_length"],
                                          config["data"]["seed"])
     loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
@@ -435,6 +436,8 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
             "codebook": quantized.codebook_loss.float(),
             "commitment": quantized.commitment_loss.float(),
         }
+        if multi_scale_mel is not None:
+            terms["multi_scale_mel"] = multi_scale_mel(recon, clean)
         if use_gan:
             with amp:
                 real, fake = disc_ddp(clean), disc_ddp(recon)

@@ -142,3 +142,46 @@ def test_exported_half_precision_checkpoint_loads_and_sounds_the_same(tmp_path, 
     with torch.inference_mode():
         full, half = codec.decode(codec.encode(wav)), Codec.load(tmp_path / "small.pt").decode(codec.encode(wav))
     assert (full - half).abs().max() < 1e-2 * full.abs().max()
+
+
+def _log_rows(path) -> list[tuple[int, float, str, float]]:
+    import csv
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["compute_hours"]), r["key"], float(r["value"])) for r in csv.DictReader(f)]
+
+
+def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip_dir):
+    """A fresh clone resumes the committed demo codec run: the next logged point follows the last one."""
+    import json
+    import shutil
+
+    committed = sorted((REPO / "training" / "demo_codec").glob("checkpoint_*.pt"))
+    assert committed, "no committed demo codec checkpoint under training/demo_codec"
+    run_dir = tmp_path / "demo_codec"
+    run_dir.mkdir()
+    shutil.copy(committed[-1], run_dir)
+    shutil.copy(REPO / "training" / "demo_codec" / "log.csv", run_dir)
+    before = _log_rows(run_dir / "log.csv")
+    last_step = int(committed[-1].stem.split("_")[1])
+    config = tmp_path / "demo_log_every_step.json"
+    demo = json.loads((REPO / "configs" / "demo.json").read_text())
+    demo["run"] |= {"log_every": 1, "validate_every": 10**6}
+    demo["data"] |= {"num_workers": 0}
+    config.write_text(json.dumps(demo))
+    done = subprocess.run([sys.executable, "train.py", "--stage", "codec", "--config", str(config), "--checkpoint_dir",
+                           str(run_dir), "--train_dir", str(clip_dir), "--max_steps", str(last_step + 2),
+                           "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / f"checkpoint_{last_step + 2:08d}.pt").is_file()
+
+    after = _log_rows(run_dir / "log.csv")
+    kept = [row for row in before if row[0] <= last_step]
+    assert after[:len(kept)] == kept  # history up to the checkpoint is untouched
+    new = after[len(kept):]
+    assert {row[0] for row in new} == {last_step + 1, last_step + 2}
+    last_hours = max(row[1] for row in kept)
+    assert all(last_hours <= row[1] < last_hours + 0.05 for row in new)  # compute hours carry on, not from zero
+    # The loss carries on from the trained level; an untrained codec starts several times higher.
+    trained = [row[3] for row in kept if row[2] == "train/mel_l1"][-5:]
+    resumed = [row[3] for row in new if row[2] == "train/mel_l1"]
+    assert max(resumed) < 1.5 * np.mean(trained), (resumed, trained)
