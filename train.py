@@ -409,6 +409,12 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     for clean in loader:
         if step >= max_steps or stop.requested:
             break
+        if 0 <= train_cfg["freeze_tokenizer_step"] <= step and not codec.tokenizer_frozen:
+            codec.freeze_tokenizer()
+            if world > 1:  # DDP must be rebuilt to stop waiting for gradients of the frozen weights
+                codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
+            if rank == 0:
+                log.info("step %d: tokenizer frozen (encoder, codebooks); only the decoder trains from here", step)
         clean = clean.to(device, non_blocking=True)
         use_gan = step >= train_cfg["discriminator_start_step"]
         with amp:

@@ -190,6 +190,26 @@ class Codec(nn.Module):
         mdct_hat = self.decoder(quantized.latent)
         return self.mdct.inverse(mdct_hat, wav.shape[-1]), mdct, mdct_hat, quantized
 
+    def tokenizer_parameters(self) -> list[nn.Parameter]:
+        """The weights that decide the tokens (encoder, the quantisers' input projections and codebooks)."""
+        return [p for name, p in self.named_parameters() if name in self.tokenizer_state_keys()]
+
+    def tokenizer_state_keys(self) -> set[str]:
+        return {k for k in self.state_dict() if k.startswith("encoder.")
+                or (k.startswith("quantizer.") and (".in_proj." in k or ".codebook." in k))}
+
+    @property
+    def tokenizer_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.tokenizer_parameters())
+
+    def freeze_tokenizer(self) -> None:
+        """Fix the tokens: only the decoder side trains from now on, so enhancers trained on these tokens stay valid
+        for every later decoder. The quantisers stop restarting dead codes (that would change the tokens)."""
+        for p in self.tokenizer_parameters():
+            p.requires_grad_(False)
+        for q in self.quantizer.quantizers:
+            q.dead_code_threshold = 0.0
+
     # ----------------------------------------------------------------------------------------- inference
     def pad(self, wav: torch.Tensor) -> torch.Tensor:
         """Right-pad (batch, samples) with zeros to the next token-aligned length."""

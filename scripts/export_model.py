@@ -2,6 +2,9 @@
 
     python scripts/export_model.py training/demo_paragse/checkpoint_00020000.pt pretrained/demo_paragse.pt --half
 
+`--codec CODEC.pt` makes an enhancer carry a later codec than the one it was trained with, provided the later one
+tokenises identically: a decoder fine-tuned after `codec.train.freeze_tokenizer_step` (checked weight by weight).
+
 The result loads with `Codec.load` / `models.load_enhancer` like any checkpoint (float16 weights are cast back to
 float32 on load); it keeps the step and compute hours for the model card.
 """
@@ -15,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.codec import Codec  # noqa: E402
 from utils import UserError, load_checkpoint, save_checkpoint  # noqa: E402
 
 KEEP = ("kind", "config", "model", "step", "compute_seconds")
@@ -32,14 +36,33 @@ def slim(payload: dict, half: bool) -> dict:
     return out
 
 
+def replace_codec(payload: dict, codec_path: Path) -> dict:
+    """The enhancer `payload` carrying the codec at `codec_path`, if both codecs give the same tokens."""
+    if "codec" not in payload:
+        raise UserError("--codec applies to enhancer checkpoints, which carry a codec")
+    newer = load_checkpoint(codec_path, ("codec",))
+    old_config, new_config = payload["codec"]["config"]["codec"], newer["config"]["codec"]
+    for section in ("mdct", "encoder", "quantizer"):
+        if old_config[section] != new_config[section]:
+            raise UserError(f"{codec_path}: codec.{section} differs from the enhancer's codec, so its tokens differ")
+    for key in sorted(Codec.from_config(payload["codec"]["config"]).tokenizer_state_keys()):
+        if not torch.equal(payload["codec"]["model"][key].float(), newer["model"][key].float()):
+            raise UserError(f"{codec_path}: weight {key} differs from the enhancer's codec, so its tokens differ "
+                            "(fine-tune with codec.train.freeze_tokenizer_step to keep them)")
+    return payload | {"codec": newer}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("output", type=Path)
     p.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
+    p.add_argument("--codec", type=Path, help="carry this codec (same tokens, later decoder) instead of the enhancer's")
     args = p.parse_args(argv)
     try:
         payload = load_checkpoint(args.checkpoint)
+        if args.codec:
+            payload = replace_codec(payload, args.codec)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

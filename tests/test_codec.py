@@ -185,3 +185,40 @@ def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip
     trained = [row[3] for row in kept if row[2] == "train/mel_l1"][-5:]
     resumed = [row[3] for row in new if row[2] == "train/mel_l1"]
     assert max(resumed) < 1.5 * np.mean(trained), (resumed, trained)
+
+
+def test_frozen_tokenizer_keeps_tokens_while_the_decoder_trains_and_enhancers_can_take_the_new_decoder(
+        tmp_path, clip_dir, speech, capsys):
+    import json
+    import shutil
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import export_model
+
+    config = json.loads(TINY_CONFIG.read_text())
+    config["codec"]["train"]["freeze_tokenizer_step"] = 3
+    freezing = tmp_path / "freeze.json"
+    freezing.write_text(json.dumps(config))
+    at_freeze = shutil.copy(_train_codec(tmp_path, clip_dir, 3, extra=("--config", str(freezing))), tmp_path / "at3.pt")
+    shutil.copytree(tmp_path / "run", tmp_path / "unfrozen")
+    later = _train_codec(tmp_path, clip_dir, 8, extra=("--config", str(freezing)))
+    drifted = _train_codec(tmp_path, clip_dir, 8, run_dir="unfrozen")  # the same run without the freeze
+
+    wav = torch.from_numpy(speech)[None]
+    before, after = Codec.load(at_freeze), Codec.load(later)
+    with torch.inference_mode():
+        assert torch.equal(before.encode(wav), after.encode(wav))
+    assert not torch.equal(before.decoder.conv_out.parametrizations.weight.original1,
+                           after.decoder.conv_out.parametrizations.weight.original1)
+
+    assert train.main(["--stage", "enhancer", "--config", str(TINY_CONFIG), "--codec", str(at_freeze),
+                       "--checkpoint_dir", str(tmp_path / "enh"), "--train_degraded_dir", str(clip_dir),
+                       "--train_clean_dir", str(clip_dir), "--max_steps", "1"]) == 0
+    enhancer = sorted((tmp_path / "enh").glob("*.pt"))[-1]
+    assert export_model.main([str(enhancer), str(tmp_path / "swapped.pt"), "--codec", str(later)]) == 0
+    carried = Codec.load(tmp_path / "swapped.pt")
+    assert torch.equal(carried.decoder.conv_out.parametrizations.weight.original1,
+                       after.decoder.conv_out.parametrizations.weight.original1)
+    assert export_model.main([str(enhancer), str(tmp_path / "refused.pt"), "--codec", str(drifted)]) == 2
+    assert "differs from the enhancer's codec" in capsys.readouterr().err
+    assert not (tmp_path / "refused.pt").exists()
