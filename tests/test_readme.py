@@ -106,7 +106,8 @@ def workspace(tmp_path_factory) -> Path:
         for i, (c, n) in enumerate(zip(clean, noisy)):
             _write_48k(root / "DS_10283_2791" / f"clean_{split}_wav" / f"{speaker}_{i:03d}.wav", c)
             _write_48k(root / "DS_10283_2791" / f"noisy_{split}_wav" / f"{speaker}_{i:03d}.wav", n)
-    for folder in ("LibriTTS/train", "LibriTTS/dev-clean", "clean", "data/corpus/train", "data/corpus/valid"):
+    for folder in ("LibriTTS/train", "LibriTTS/dev-clean", "clean", "data/corpus/train", "data/corpus/valid",
+                   "data/corpus/test"):
         shutil.copytree(EXAMPLES / "clean", root / folder, ignore=shutil.ignore_patterns("*.txt", "*.csv"))
     shutil.copytree(EXAMPLES / "degraded" / "noise", root / "noisy")
     rng = np.random.default_rng(0)
