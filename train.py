@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="config.json", help="JSON config; partial configs are laid over config.json")
     p.add_argument("--checkpoint_dir", required=True, help="checkpoints, TensorBoard logs and log.csv go here")
     p.add_argument("--codec", help="trained codec checkpoint (enhancer and serial stages)")
+    p.add_argument("--init_from", help="start a new run from this checkpoint's weights (same stage and model size; "
+                                       "optimiser and step start afresh), e.g. to adapt an enhancer to a retrained "
+                                       "codec or a codec to new data")
     data_args = p.add_argument_group("data (folders are searched recursively; any sample rate)")
     data_args.add_argument("--train_dir", help="clean speech (codec; or enhancer with --noise_dir)")
     data_args.add_argument("--valid_dir", help="clean validation speech")
@@ -370,6 +373,11 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         sched_d.load_state_dict(resumed["scheduler_d"])
         step, compute_seconds = resumed["step"], resumed["compute_seconds"]
         set_rng_state(resumed["rng"])
+    elif args.init_from:
+        initial = load_checkpoint(args.init_from, "codec")
+        load_state_dict_checked(codec, initial["model"], args.init_from)
+        if "discriminator" in initial:
+            load_state_dict_checked(disc, initial["discriminator"], args.init_from)
     if rank == 0:
         log.info("codec: %.2f M parameters (encoder %.2f M, decoder %.2f M), discriminator %.2f M",
                  count_parameters(codec) / 1e6, count_parameters(codec.encoder) / 1e6,
@@ -549,6 +557,8 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         scheduler.load_state_dict(resumed["scheduler"])
         step, compute_seconds = resumed["step"], resumed["compute_seconds"]
         set_rng_state(resumed["rng"])
+    elif args.init_from:
+        load_state_dict_checked(model, load_checkpoint(args.init_from, kind)["model"], args.init_from)
     if rank == 0:
         log.info("%s: %.2f M parameters; codec %s streams x %d codes", kind, count_parameters(model) / 1e6,
                  codec.num_streams, codec.codebook_size)

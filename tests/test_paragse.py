@@ -174,3 +174,26 @@ print(out.shape[0], audio.shape[0], resource.getrusage(resource.RUSAGE_SELF).ru_
     out_length, in_length, peak_mb = result.stdout.split()
     assert int(out_length) == int(in_length)
     assert float(peak_mb) < 2500, f"peak RSS {peak_mb} MB"
+
+
+def test_init_from_carries_trained_weights_onto_a_new_codec(tmp_path, speech, capsys):
+    noisy_dir, clean_dir = _write_pair(tmp_path, speech)
+    config, codec = _tiny_config(tmp_path)
+    data = ["--train_degraded_dir", str(noisy_dir), "--train_clean_dir", str(clean_dir), "--device", "cpu"]
+    common = ["--stage", "enhancer", "--config", str(config), *data]
+    assert train.main(common + ["--codec", str(codec), "--checkpoint_dir", str(tmp_path / "a"), "--max_steps", "3"]) == 0
+    trained = sorted((tmp_path / "a").glob("checkpoint_*.pt"))[-1]
+    seed_everything(1)
+    retrained_codec = Codec.from_config(load_config(config))
+    retrained_codec.save(tmp_path / "codec_b.pt")
+    argv = common + ["--codec", str(tmp_path / "codec_b.pt"), "--checkpoint_dir", str(tmp_path / "b"),
+                     "--init_from", str(trained), "--max_steps", "0"]
+    assert train.main(argv) == 0
+    model_a, _ = load_enhancer(trained)
+    model_b, codec_b = load_enhancer(tmp_path / "b" / "checkpoint_00000000.pt")
+    assert all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
+    assert all(torch.equal(v, codec_b.state_dict()[k]) for k, v in retrained_codec.state_dict().items())
+
+    wrong = common + ["--codec", str(codec), "--checkpoint_dir", str(tmp_path / "c"), "--init_from", str(codec)]
+    assert train.main(wrong) == 2
+    assert "codec_gvq.pt" in capsys.readouterr().err
