@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,45 @@ class RunLog:
             self.writer.close()
 
 
+class TrainingRun:
+    """The bookkeeping both training loops share: step, compute clock, log, stop request, NaN guard and saving.
+
+    Built right before the loop, after the stage has loaded its weights from `resumed`; it restores the RNG state
+    there, so the resumed loop draws exactly what an uninterrupted one would. `save` adds the step, the compute
+    seconds and the RNG state to the stage's own payload.
+    """
+
+    def __init__(self, args: argparse.Namespace, config: dict, resumed: dict | None, device: torch.device, rank: int):
+        run = config["run"]
+        self.directory, self.rank = Path(args.checkpoint_dir), rank
+        self.keep_last = args.keep_last or run["keep_last"]
+        self.step = resumed["step"] if resumed else 0
+        self._saved_at = self.step if resumed else -1
+        if resumed:
+            set_rng_state(resumed["rng"])
+        self.log = RunLog(self.directory, rank == 0)
+        self.log.rewind(self.step)
+        self.stop, self.guard = StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
+        self.clock = ComputeClock(device, resumed["compute_seconds"] if resumed else 0.0)
+
+    def tick(self) -> float:
+        """One step done; returns the compute hours so far."""
+        self.step += 1
+        return self.clock.tick()
+
+    def save(self, payload: dict) -> None:
+        self._saved_at = self.step
+        if self.rank == 0:
+            payload |= {"step": self.step, "compute_seconds": self.clock.seconds, "rng": rng_state()}
+            log.info("saved %s", write_checkpoint(self.directory, payload, self.keep_last))
+
+    def finish(self, payload: Callable[[], dict]) -> None:
+        """Save the last step unless it was just saved, and close the log."""
+        if self._saved_at != self.step:
+            self.save(payload())
+        self.log.close()
+
+
 # --------------------------------------------------------------------------------------------------- data
 def require_dir(path: str | None, flag: str) -> Path:
     if path is None:
@@ -349,10 +389,8 @@ def copy_synthesis_scores(estimate: torch.Tensor, reference: torch.Tensor, sampl
 
 # ----------------------------------------------------------------------------------------------- codec stage
 def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, device: torch.device) -> None:
-    train_cfg, loss_cfg, run = config["codec"]["train"], config["codec"]["loss"], config["run"]
+    train_cfg, loss_cfg, run_cfg = config["codec"]["train"], config["codec"]["loss"], config["run"]
     max_steps = train_cfg["max_steps"] if args.max_steps is None else args.max_steps
-    ckpt_dir = Path(args.checkpoint_dir)
-    keep_last = args.keep_last or run["keep_last"]
 
     codec = Codec.from_config(config).to(device)
     disc = MultiResolutionMDCTDiscriminator(config).to(device)
@@ -362,8 +400,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                               weight_decay=train_cfg["weight_decay"])
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda_codec(train_cfg))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda_codec(train_cfg))
-    step, compute_seconds = 0, 0.0
-    resumed = load_latest_checkpoint(ckpt_dir, "codec")
+    resumed = load_latest_checkpoint(Path(args.checkpoint_dir), "codec")
     if resumed:
         load_state_dict_checked(codec, resumed["model"], "resumed checkpoint")
         disc.load_state_dict(resumed["discriminator"])
@@ -371,8 +408,6 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         opt_d.load_state_dict(resumed["optimizer_d"])
         sched_g.load_state_dict(resumed["scheduler_g"])
         sched_d.load_state_dict(resumed["scheduler_d"])
-        step, compute_seconds = resumed["step"], resumed["compute_seconds"]
-        set_rng_state(resumed["rng"])
     elif args.init_from:
         initial = load_checkpoint(args.init_from, "codec")
         load_state_dict_checked(codec, initial["model"], args.init_from)
@@ -387,8 +422,8 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     multi_scale_mel = MultiScaleLogMel.from_config(config).to(device) if loss_cfg["multi_scale_mel"] > 0 else None
     train_set = data.CleanSegmentDataset(require_dir(args.train_dir, "--train_dir"), train_cfg["segment_length"],
                                          config["data"]["seed"])
-    loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
-                         world, config["data"]["num_workers"])
+    loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"],
+                         resumed["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     valid = validation_clean(args, config) if rank == 0 else []
     if world > 1:
         codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
@@ -396,35 +431,26 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     else:
         codec_ddp, disc_ddp = codec, disc
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
-    run_log.rewind(step)
 
-    saved_at = [step if resumed else -1]
-
-    def save() -> None:
-        saved_at[0] = step
-        if rank == 0:
-            payload = codec.checkpoint_payload() | {
-                "discriminator": disc.state_dict(), "optimizer_g": opt_g.state_dict(),
-                "optimizer_d": opt_d.state_dict(), "scheduler_g": sched_g.state_dict(),
-                "scheduler_d": sched_d.state_dict(), "step": step,
-                "compute_seconds": clock.seconds, "rng": rng_state()}
-            log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
+    def payload() -> dict:
+        return codec.checkpoint_payload() | {
+            "discriminator": disc.state_dict(), "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
+            "scheduler_g": sched_g.state_dict(), "scheduler_d": sched_d.state_dict()}
 
     codec_ddp.train()
     disc_ddp.train()
-    clock = ComputeClock(device, compute_seconds)
+    run = TrainingRun(args, config, resumed, device, rank)
     for clean in loader:
-        if step >= max_steps or stop.requested:
+        if run.step >= max_steps or run.stop.requested:
             break
-        if 0 <= train_cfg["freeze_tokenizer_step"] <= step and not codec.tokenizer_frozen:
+        if 0 <= train_cfg["freeze_tokenizer_step"] <= run.step and not codec.tokenizer_frozen:
             codec.freeze_tokenizer()
             if world > 1:  # DDP must be rebuilt to stop waiting for gradients of the frozen weights
                 codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
             if rank == 0:
-                log.info("step %d: tokenizer frozen (encoder, codebooks); only the decoder trains from here", step)
+                log.info("step %d: tokenizer frozen (encoder, codebooks); only the decoder trains from here", run.step)
         clean = clean.to(device, non_blocking=True)
-        use_gan = step >= train_cfg["discriminator_start_step"]
+        use_gan = run.step >= train_cfg["discriminator_start_step"]
         with amp:
             recon, mdct, mdct_hat, quantized = codec_ddp(clean)
         recon, mdct_hat = recon.float(), mdct_hat.float()
@@ -460,7 +486,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         loss_g = sum(loss_cfg[name] * value for name, value in terms.items())
         opt_g.zero_grad(set_to_none=True)
         grad_norm = torch.zeros(())
-        if guard.ok(loss_g + loss_d.detach(), step):
+        if run.guard.ok(loss_g + loss_d.detach(), run.step):
             loss_g.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(codec.parameters(), train_cfg["grad_clip"])
             opt_g.step()
@@ -468,25 +494,22 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         opt_d.zero_grad(set_to_none=True)
         sched_g.step()
         sched_d.step()
-        step += 1
-        compute_hours = clock.tick()
+        compute_hours = run.tick()
 
-        if rank == 0 and step % run["log_every"] == 0:
+        if rank == 0 and run.step % run_cfg["log_every"] == 0:
             scalars = {f"train/{k}": v.item() for k, v in terms.items()}
             scalars |= {"train/loss_g": loss_g.item(), "train/loss_d": loss_d.item(),
                         "train/grad_norm": float(grad_norm), "train/lr": sched_g.get_last_lr()[0],
                         "train/codebook_usage": codebook_usage(quantized.tokens, codec.codebook_size)}
-            run_log.scalars(step, scalars, compute_hours)
-            log.info("step %d  loss_g %.3f  mel_l1 %.3f  loss_d %.3f  %.2f compute-h", step, loss_g.item(),
+            run.log.scalars(run.step, scalars, compute_hours)
+            log.info("step %d  loss_g %.3f  mel_l1 %.3f  loss_d %.3f  %.2f compute-h", run.step, loss_g.item(),
                      terms["mel_l1"].item(), loss_d.item(), compute_hours)
-        if rank == 0 and valid and step % run["validate_every"] == 0:
-            validate_codec(codec, valid, log_mel, run_log, step, compute_hours, config, device)
+        if rank == 0 and valid and run.step % run_cfg["validate_every"] == 0:
+            validate_codec(codec, valid, log_mel, run.log, run.step, compute_hours, config, device)
             codec.train()
-        if step % run["checkpoint_every"] == 0:
-            save()
-    if saved_at[0] != step:
-        save()
-    run_log.close()
+        if run.step % run_cfg["checkpoint_every"] == 0:
+            run.save(payload())
+    run.finish(payload)
 
 
 def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> float:
@@ -526,14 +549,12 @@ def build_enhancer(stage: str, config: dict, codec: Codec) -> torch.nn.Module:
 
 def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int, device: torch.device) -> None:
     kind = "paragse" if args.stage == "enhancer" else "serial"
-    train_cfg, run = config["enhancer"]["train"], config["run"]
+    train_cfg, run_cfg = config["enhancer"]["train"], config["run"]
     max_steps = train_cfg["max_steps"] if args.max_steps is None else args.max_steps
-    ckpt_dir = Path(args.checkpoint_dir)
-    keep_last = args.keep_last or run["keep_last"]
-    resumed = load_latest_checkpoint(ckpt_dir, kind)
+    resumed = load_latest_checkpoint(Path(args.checkpoint_dir), kind)
     if resumed:
         codec_payload = resumed["codec"]
-        codec = Codec.from_payload(codec_payload, ckpt_dir)
+        codec = Codec.from_payload(codec_payload, args.checkpoint_dir)
     else:
         if not args.codec:
             raise UserError("--codec CODEC.pt is required to start the enhancer stage")
@@ -550,13 +571,10 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
     optimizer = torch.optim.AdamW(model.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
                                   weight_decay=train_cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_enhancer(train_cfg, max_steps))
-    step, compute_seconds = 0, 0.0
     if resumed:
         load_state_dict_checked(model, resumed["model"], "resumed checkpoint")
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        step, compute_seconds = resumed["step"], resumed["compute_seconds"]
-        set_rng_state(resumed["rng"])
     elif args.init_from:
         load_state_dict_checked(model, load_checkpoint(args.init_from, kind)["model"], args.init_from)
     if rank == 0:
@@ -564,29 +582,21 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
                  codec.num_streams, codec.codebook_size)
 
     train_set = training_pairs(args, config, train_cfg["segment_length"], config["data"]["seed"])
-    loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"], step, rank,
-                         world, config["data"]["num_workers"])
+    loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"],
+                         resumed["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     valid = validation_pairs(args, config) if rank == 0 else []
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    run_log, stop, guard = RunLog(ckpt_dir, rank == 0), StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
-    run_log.rewind(step)
 
-    saved_at = [step if resumed else -1]
-
-    def save() -> None:
-        saved_at[0] = step
-        if rank == 0:
-            payload = model.checkpoint_payload(codec_payload) | {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "compute_seconds": clock.seconds, "rng": rng_state()}
-            log.info("saved %s", write_checkpoint(ckpt_dir, payload, keep_last))
+    def payload() -> dict:
+        return model.checkpoint_payload(codec_payload) | {"optimizer": optimizer.state_dict(),
+                                                           "scheduler": scheduler.state_dict()}
 
     ddp.train()
-    clock = ComputeClock(device, compute_seconds)
+    run = TrainingRun(args, config, resumed, device, rank)
     for degraded, clean in loader:
-        if step >= max_steps or stop.requested:
+        if run.step >= max_steps or run.stop.requested:
             break
         degraded, clean = degraded.to(device, non_blocking=True), clean.to(device, non_blocking=True)
         with torch.no_grad():
@@ -595,7 +605,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
             teacher = (clean_tokens,) if kind == "serial" else ()  # the serial baseline is teacher-forced
             group_logits = ddp(codec.pad(degraded), degraded_tokens, *teacher)  # (batch, streams, frames, codes)
         loss = token_cross_entropy(group_logits.float(), clean_tokens)
-        if guard.ok(loss, step):
+        if run.guard.ok(loss, run.step):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
@@ -604,24 +614,21 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
             optimizer.zero_grad(set_to_none=True)
             grad_norm = torch.zeros(())
         scheduler.step()
-        step += 1
-        compute_hours = clock.tick()
+        compute_hours = run.tick()
 
-        if rank == 0 and step % run["log_every"] == 0:
+        if rank == 0 and run.step % run_cfg["log_every"] == 0:
             scalars = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm),
                        "train/lr": scheduler.get_last_lr()[0]}
             scalars |= token_accuracies(group_logits.detach(), clean_tokens, degraded_tokens, "train")
-            run_log.scalars(step, scalars, compute_hours)
-            log.info("step %d  loss %.3f  accuracy %.3f (copying degraded tokens %.3f)  %.2f compute-h", step,
+            run.log.scalars(run.step, scalars, compute_hours)
+            log.info("step %d  loss %.3f  accuracy %.3f (copying degraded tokens %.3f)  %.2f compute-h", run.step,
                      loss.item(), scalars["train/accuracy"], scalars["train/copy_accuracy"], compute_hours)
-        if rank == 0 and valid and step % run["validate_every"] == 0:
-            validate_enhancer(model, codec, valid, run_log, step, compute_hours, config, device)
+        if rank == 0 and valid and run.step % run_cfg["validate_every"] == 0:
+            validate_enhancer(model, codec, valid, run.log, run.step, compute_hours, config, device)
             model.train()
-        if step % run["checkpoint_every"] == 0:
-            save()
-    if saved_at[0] != step:
-        save()
-    run_log.close()
+        if run.step % run_cfg["checkpoint_every"] == 0:
+            run.save(payload())
+    run.finish(payload)
 
 
 def token_cross_entropy(group_logits: torch.Tensor, clean_tokens: torch.Tensor) -> torch.Tensor:
