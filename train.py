@@ -34,6 +34,7 @@ import dataset as data
 from models.codec import Codec
 from models.discriminator import MultiResolutionMDCTDiscriminator
 from models.losses import LogMel, MultiScaleLogMel, discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
+from models.mdct import bin_correlation
 from models.paragse import ParaGSE
 from models.serial import SerialEnhancer
 from utils import (UserError, count_parameters, find_audio_files, load_audio, load_checkpoint, load_config,
@@ -525,8 +526,13 @@ def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, 
     sums: dict[str, list[float]] = {}
     for i, (name, clean) in enumerate(valid):
         clean = clean.to(device)[None]
-        recon = codec.decode(codec.encode(clean), clean.shape[-1])
+        decoded_mdct = codec.decoder(codec.tokens_to_latent(codec.encode(clean)))
+        recon = codec.mdct.inverse(decoded_mdct, clean.shape[-1])
         sums.setdefault("valid/mel_l1", []).append(F.l1_loss(log_mel(recon), log_mel(clean)).item())
+        # Does the decoder reproduce the phase below 1 kHz, or only the magnitudes? (scripts/phase_diagnosis.py)
+        correlation = bin_correlation(codec.mdct(codec.pad(clean)), decoded_mdct)
+        sums.setdefault("valid/mdct_correlation_below_1khz", []).append(
+            correlation[: codec.bins_below(1000)].mean().item())
         scores = copy_synthesis_scores(recon[0], clean[0], config["sample_rate"], config["run"]["validation_dnsmos"])
         for key, value in scores.items():
             sums.setdefault(f"valid/{key}", []).append(value)

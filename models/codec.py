@@ -179,6 +179,10 @@ class Codec(nn.Module):
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
+    def bins_below(self, hz: float) -> int:
+        """How many MDCT bins lie wholly below `hz`."""
+        return int(hz // (self.sample_rate / 2 / self.hop_length))
+
     # ------------------------------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantizerOutput]:
         """wav (batch, samples) -> (reconstruction (batch, samples), mdct, reconstructed mdct, quantiser output).

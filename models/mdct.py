@@ -61,3 +61,14 @@ class MDCT(nn.Module):
         if length is not None:
             wav = wav[:, :length] if length <= natural else F.pad(wav, (0, length - natural))
         return wav[0] if squeeze else wav
+
+
+def bin_correlation(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """Correlation over time of two MDCT spectra, per bin: (batch, bins, frames) x 2 -> (bins,), batch pooled.
+
+    1 when the estimate reproduces the reference's coefficients including their signs (the waveform's phase),
+    0 when its signs are unrelated to the reference's, whatever its magnitudes.
+    """
+    products = (reference * estimate).sum(dim=(0, 2))
+    energies = reference.square().sum(dim=(0, 2)) * estimate.square().sum(dim=(0, 2))
+    return products / (energies.sqrt() + 1e-12)

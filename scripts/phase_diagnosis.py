@@ -21,6 +21,7 @@ from pystoi import stoi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.codec import Codec  # noqa: E402
+from models.mdct import bin_correlation  # noqa: E402
 from utils import UserError, find_audio_files, load_audio  # noqa: E402
 
 LOW_BAND_HZ = 1000
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no audio files under {args.data_dir}", file=sys.stderr)
         return 2
     rate = codec.sample_rate
-    low_bins = int(LOW_BAND_HZ / (rate / 2 / codec.hop_length))
+    low_bins = codec.bins_below(LOW_BAND_HZ)
     generator = torch.Generator().manual_seed(args.seed)
-    products, energies_in, energies_out = 0.0, 0.0, 0.0
+    correlations = []
     scores: dict[str, list[float]] = {"codec": [], "random signs": [], f"signs below {LOW_BAND_HZ} Hz": []}
     with torch.inference_mode():
         for f in files:
@@ -53,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             padded = codec.pad(wav)
             mdct = codec.mdct(padded)  # (1, bins, frames)
             decoded = codec.decoder(codec.tokens_to_latent(codec.encode(wav)))
-            products = products + (mdct * decoded).sum(dim=(0, 2))
-            energies_in = energies_in + mdct.square().sum(dim=(0, 2))
-            energies_out = energies_out + decoded.square().sum(dim=(0, 2))
+            correlations.append(bin_correlation(mdct, decoded))
             random_signs = torch.where(torch.rand(mdct.shape, generator=generator) < 0.5, -1.0, 1.0)
             low_exact = torch.cat([mdct[:, :low_bins], mdct[:, low_bins:].abs() * random_signs[:, low_bins:]], 1)
             candidates = {"codec": codec.mdct.inverse(decoded, padded.shape[-1]),
@@ -64,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             reference = wav[0].numpy()
             for name, out in candidates.items():
                 scores[name].append(stoi(reference, out[0, : wav.shape[-1]].numpy(), rate, extended=True))
-    correlation = (products / (energies_in.sqrt() * energies_out.sqrt() + 1e-12)).numpy()
+    correlation = torch.stack(correlations).mean(0).numpy()
     bin_hz = rate / 2 / codec.hop_length
     print(f"{len(files)} files of {args.data_dir}, codec {args.checkpoint}")
-    print("MDCT correlation, decoded vs input, per bin:")
+    print(f"MDCT correlation, decoded vs input, per bin (mean of files; below {LOW_BAND_HZ} Hz: "
+          f"{correlation[:low_bins].mean():.3f}):")
     print(" ".join(f"{int(k * bin_hz)}-{int((k + 1) * bin_hz)}Hz:{c:+.2f}" for k, c in enumerate(correlation)))
     print("ESTOI (mean): " + ", ".join(f"{name} {np.mean(v):.3f}" for name, v in scores.items()))
     return 0

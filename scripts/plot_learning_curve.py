@@ -14,7 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 PANELS = [("valid/pesq", "PESQ (wide-band)"), ("valid/estoi", "ESTOI"), ("valid/dnsmos_ovrl", "DNSMOS OVRL"),
-          ("valid/mel_l1", "log-mel L1"), ("valid/accuracy", "token accuracy")]
+          ("valid/mel_l1", "log-mel L1"), ("valid/mdct_correlation_below_1khz", "MDCT correlation < 1 kHz (phase)"),
+          ("valid/accuracy", "token accuracy")]
 
 
 def read_log(path: Path) -> dict[str, list[tuple[float, int, float]]]:

@@ -165,11 +165,12 @@ def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip
     last_step = int(committed[-1].stem.split("_")[1])
     config = tmp_path / "demo_log_every_step.json"
     demo = json.loads((REPO / "configs" / "demo.json").read_text())
-    demo["run"] |= {"log_every": 1, "validate_every": 10**6}
-    demo["data"] |= {"num_workers": 0}
+    demo["run"] |= {"log_every": 1, "validate_every": last_step + 2, "validation_dnsmos": False}
+    demo["data"] |= {"num_workers": 0, "validation_files": 1}
     config.write_text(json.dumps(demo))
     done = subprocess.run([sys.executable, "train.py", "--stage", "codec", "--config", str(config), "--checkpoint_dir",
-                           str(run_dir), "--train_dir", str(clip_dir), "--max_steps", str(last_step + 2),
+                           str(run_dir), "--train_dir", str(clip_dir), "--valid_dir", str(clip_dir),
+                           "--max_steps", str(last_step + 2),
                            "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run_dir / f"checkpoint_{last_step + 2:08d}.pt").is_file()
@@ -185,6 +186,9 @@ def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip
     trained = [row[3] for row in kept if row[2] == "train/mel_l1"][-5:]
     resumed = [row[3] for row in new if row[2] == "train/mel_l1"]
     assert max(resumed) < 1.5 * np.mean(trained), (resumed, trained)
+    validated = {row[2]: row[3] for row in new if row[2].startswith("valid/")}
+    assert {"valid/estoi", "valid/pesq", "valid/mdct_correlation_below_1khz"} <= set(validated)
+    assert -1 <= validated["valid/mdct_correlation_below_1khz"] <= 1
 
 
 def test_frozen_tokenizer_keeps_tokens_while_the_decoder_trains_and_enhancers_can_take_the_new_decoder(
