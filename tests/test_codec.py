@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, example_clips
 from models.codec import Codec
 from models.losses import LogMel
-from models.mdct import MDCT
-from utils import UserError, load_config, save_audio, seed_everything
+from models.mdct import MDCT, bin_correlation
+from utils import UserError, load_audio, load_config, save_audio, seed_everything
 import train
 
 
@@ -24,6 +24,19 @@ def test_mdct_reconstructs_real_speech_exactly(speech, other_speech):
     length = min(len(speech), len(other_speech)) - 7  # not a multiple of the hop
     batch = torch.stack([torch.from_numpy(speech[:length]), torch.from_numpy(other_speech[:length])])
     assert (mdct.inverse(mdct(batch), length) - batch).abs().max() < 1e-5
+
+
+def test_mdct_correlation_measures_phase_not_magnitude():
+    clips = [load_audio(path)[0] for path in example_clips()]
+    length = min(len(c) for c in clips)
+    mdct = MDCT(80, 40)(torch.from_numpy(np.stack([c[:length] for c in clips])))  # 5 clips pooled
+    random_signs = torch.where(torch.rand(mdct.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)
+    assert torch.allclose(bin_correlation(mdct, 0.3 * mdct), torch.ones(40), atol=1e-5)  # level does not matter
+    assert torch.allclose(bin_correlation(mdct, -mdct), -torch.ones(40), atol=1e-5)
+    # Exact magnitudes with the wrong phase: near 0 (single bins scatter, since a few transients can hold much
+    # of a bin's energy).
+    wrong_phase = bin_correlation(mdct, mdct.abs() * random_signs)
+    assert wrong_phase.mean().abs() < 0.05 and wrong_phase[:5].mean().abs() < 0.1, wrong_phase
 
 
 def test_paper_codec_token_shapes_and_any_length(speech):
