@@ -302,7 +302,9 @@ class TrainingRun:
     seconds and the RNG state to the stage's own payload.
     """
 
-    def __init__(self, args: argparse.Namespace, config: dict, resumed: dict | None, device: torch.device, rank: int):
+    def __init__(self, args: argparse.Namespace, config: dict, resumed: dict | None, device: torch.device, rank: int,
+                 initial: dict | None = None):
+        """`initial`: the --init_from checkpoint of a new run, whose compute time the new run's clock carries on."""
         run = config["run"]
         self.directory, self.rank = Path(args.checkpoint_dir), rank
         self.keep_last = args.keep_last or run["keep_last"]
@@ -313,7 +315,8 @@ class TrainingRun:
         self.log = RunLog(self.directory, rank == 0)
         self.log.rewind(self.step)
         self.stop, self.guard = StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
-        self.clock = ComputeClock(device, resumed["compute_seconds"] if resumed else 0.0)
+        start = resumed or initial or {}
+        self.clock = ComputeClock(device, start.get("compute_seconds", 0.0))
 
     def tick(self) -> float:
         """One step done; returns the compute hours so far."""
@@ -409,7 +412,8 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         opt_d.load_state_dict(resumed["optimizer_d"])
         sched_g.load_state_dict(resumed["scheduler_g"])
         sched_d.load_state_dict(resumed["scheduler_d"])
-    elif args.init_from:
+    initial = None
+    if not resumed and args.init_from:
         initial = load_checkpoint(args.init_from, "codec")
         load_state_dict_checked(codec, initial["model"], args.init_from)
         if "discriminator" in initial:
@@ -440,7 +444,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
 
     codec_ddp.train()
     disc_ddp.train()
-    run = TrainingRun(args, config, resumed, device, rank)
+    run = TrainingRun(args, config, resumed, device, rank, initial)
     for clean in loader:
         if run.step >= max_steps or run.stop.requested:
             break
@@ -581,8 +585,10 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
         load_state_dict_checked(model, resumed["model"], "resumed checkpoint")
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-    elif args.init_from:
-        load_state_dict_checked(model, load_checkpoint(args.init_from, kind)["model"], args.init_from)
+    initial = None
+    if not resumed and args.init_from:
+        initial = load_checkpoint(args.init_from, kind)
+        load_state_dict_checked(model, initial["model"], args.init_from)
     if rank == 0:
         log.info("%s: %.2f M parameters; codec %s streams x %d codes", kind, count_parameters(model) / 1e6,
                  codec.num_streams, codec.codebook_size)
@@ -600,7 +606,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
                                                            "scheduler": scheduler.state_dict()}
 
     ddp.train()
-    run = TrainingRun(args, config, resumed, device, rank)
+    run = TrainingRun(args, config, resumed, device, rank, initial)
     for degraded, clean in loader:
         if run.step >= max_steps or run.stop.requested:
             break

@@ -78,12 +78,22 @@ def read_json(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None) -> dict:
     """The repository's config.json, with the values of `path` (which may be partial) laid over it.
 
-    config.json is the one place for defaults; any key it does not have is refused with its dotted name.
+    config.json is the one place for defaults; any key it does not have is refused with its dotted name. A config
+    may name another as its `"base"` (a path relative to itself): it is then laid over that one, e.g. a fine-tuning
+    stage that changes the losses of configs/demo.json and nothing else.
     """
-    defaults = read_json(DEFAULT_CONFIG)
     if path is None or Path(path).resolve() == DEFAULT_CONFIG:
-        return defaults
-    return _check_and_merge(defaults, read_json(path))
+        return read_json(DEFAULT_CONFIG)
+    override = read_json(path)
+    base = override.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: 'base' must be a path to another config, got {base!r}")
+        base_path = Path(path).parent / base
+        if not base_path.is_file():
+            raise UserError(f"{path}: base config {base_path} not found")
+        return _check_and_merge(load_config(base_path), override)
+    return _check_and_merge(read_json(DEFAULT_CONFIG), override)
 
 
 def validate_config(config: dict) -> dict:

@@ -133,6 +133,17 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, clip_dir):
     assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
 
 
+def test_a_config_can_build_on_another(tmp_path):
+    stage = tmp_path / "stage.json"
+    stage.write_text('{"base": "%s", "codec": {"loss": {"mdct_mse": 1.0}}}' % (REPO / "configs" / "demo.json"))
+    config, demo = load_config(stage), load_config(REPO / "configs" / "demo.json")
+    assert config["codec"]["loss"]["mdct_mse"] == 1.0
+    assert config["codec"]["encoder"] == demo["codec"]["encoder"] != load_config()["codec"]["encoder"]
+    stage.write_text('{"base": "missing.json"}')
+    with pytest.raises(UserError, match="missing.json"):
+        load_config(stage)
+
+
 def test_unknown_config_key_is_refused_by_name(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"codec": {"encoder": {"dimm": 3}}}')

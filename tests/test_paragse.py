@@ -193,6 +193,9 @@ def test_init_from_carries_trained_weights_onto_a_new_codec(tmp_path, speech, ca
     model_b, codec_b = load_enhancer(tmp_path / "b" / "checkpoint_00000000.pt")
     assert all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
     assert all(torch.equal(v, codec_b.state_dict()[k]) for k, v in retrained_codec.state_dict().items())
+    started = torch.load(tmp_path / "b" / "checkpoint_00000000.pt", weights_only=False)
+    assert started["step"] == 0  # a new run, whose compute time carries on from the weights it started from
+    assert started["compute_seconds"] >= torch.load(trained, weights_only=False)["compute_seconds"] > 0
 
     wrong = common + ["--codec", str(codec), "--checkpoint_dir", str(tmp_path / "c"), "--init_from", str(codec)]
     assert train.main(wrong) == 2
