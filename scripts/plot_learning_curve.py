@@ -1,6 +1,11 @@
-"""Plot held-out validation scores of a training run against compute hours, from its log.csv.
+"""Plot held-out validation scores of training runs against compute hours, from their log.csv files.
 
     python scripts/plot_learning_curve.py training/demo_codec/log.csv figures/demo_codec_learning_curve.png
+    python scripts/plot_learning_curve.py training/demo_codec/log.csv figures/demo_codec_learning_curve.png \
+        --more training/demo_decoder/log.csv --labels "codec" "decoder fine-tuning"
+
+Several logs share the axes: a run started with --init_from carries its parent's compute hours, so it continues
+the curve from the point it branched off.
 """
 from __future__ import annotations
 
@@ -27,21 +32,29 @@ def read_log(path: Path) -> dict[str, list[tuple[float, int, float]]]:
     return series
 
 
-def plot(series: dict, out: Path, title: str) -> Path:
-    panels = [(key, label) for key, label in PANELS if series.get(key)]
+def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
+    """runs: [(label, series of read_log)], drawn over each other."""
+    panels = [(key, label) for key, label in PANELS if any(series.get(key) for _, series in runs)]
     if not panels:
-        raise SystemExit("error: the log has no validation scores yet (valid/... keys)")
-    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+        raise SystemExit("error: the logs have no validation scores yet (valid/... keys)")
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(4.6 * columns, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     for i, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        hours, steps, values = zip(*series[key])
-        ax.plot(hours, values, marker="o", markersize=3)
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for run_label, series in runs:
+            if not series.get(key):
+                continue
+            hours, steps, values = zip(*series[key])
+            ax.plot(hours, values, marker="o", markersize=3, label=run_label)
+            ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
+                        xytext=(-10, 8), textcoords="offset points", ha="right")
         ax.set_xlabel("compute hours (CPU core-hours)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
-                    xytext=(-10, 8), textcoords="offset points", ha="right")
+        if len(runs) > 1 and i == 0:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
@@ -54,12 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log_csv", type=Path)
     p.add_argument("output_png", type=Path)
+    p.add_argument("--more", type=Path, nargs="*", default=[], help="further log.csv files drawn on the same axes")
+    p.add_argument("--labels", nargs="*", help="one label per log (default: the log's folder name)")
     p.add_argument("--title", default="held-out copy-synthesis during training")
     args = p.parse_args(argv)
-    if not args.log_csv.is_file():
-        print(f"error: log not found: {args.log_csv}", file=sys.stderr)
+    logs = [args.log_csv, *args.more]
+    labels = args.labels or [log.parent.name for log in logs]
+    if len(labels) != len(logs):
+        print(f"error: {len(logs)} logs but {len(labels)} labels", file=sys.stderr)
         return 2
-    print(plot(read_log(args.log_csv), args.output_png, args.title))
+    for log in logs:
+        if not log.is_file():
+            print(f"error: log not found: {log}", file=sys.stderr)
+            return 2
+    print(plot([(label, read_log(log)) for label, log in zip(labels, logs)], args.output_png, args.title))
     return 0
 
 
