@@ -66,7 +66,7 @@ def substitute(command: str, workspace: Path) -> str:
     for pattern, replacement in SUBSTITUTIONS:
         command = re.sub(pattern, replacement, command)
     # The model card names the checkpoints of its full-length runs; here those runs are a few steps long.
-    for named in re.findall(r"training/\S+/checkpoint_\d+\.pt", command):
+    for named in re.findall(r"(?:training|runs)/\S+/checkpoint_\d+\.pt", command):
         if not (workspace / named).exists():
             command = command.replace(named, str(sorted((workspace / named).parent.glob("checkpoint_*.pt"))[-1]))
     if " train.py " in command:
@@ -149,6 +149,7 @@ def test_documented_command_runs(command: str, workspace: Path) -> None:
     argv = shlex.split(runnable)
     if "train.py" in argv:
         folder = workspace / argv[argv.index("--checkpoint_dir") + 1]
-        assert (folder / f"checkpoint_{int(argv[argv.index('--max_steps') + 1]):08d}.pt").is_file(), done.stderr[-2000:]
+        last_max_steps = int(argv[len(argv) - argv[::-1].index("--max_steps")])  # the last one given wins
+        assert (folder / f"checkpoint_{last_max_steps:08d}.pt").is_file(), done.stderr[-2000:]
     if "export_model.py" in " ".join(argv):
         assert (workspace / argv[argv.index("--half") - 1]).is_file()
