@@ -530,7 +530,7 @@ def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, 
     sums: dict[str, list[float]] = {}
     for i, (name, clean) in enumerate(valid):
         clean = clean.to(device)[None]
-        decoded_mdct = codec.decoder(codec.tokens_to_latent(codec.encode(clean)))
+        decoded_mdct = codec.decode_mdct(codec.encode(clean))
         recon = codec.mdct.inverse(decoded_mdct, clean.shape[-1])
         sums.setdefault("valid/mel_l1", []).append(F.l1_loss(log_mel(recon), log_mel(clean)).item())
         # Does the decoder reproduce the phase below 1 kHz, or only the magnitudes? (scripts/phase_diagnosis.py)

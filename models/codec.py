@@ -194,13 +194,14 @@ class Codec(nn.Module):
         mdct_hat = self.decoder(quantized.latent)
         return self.mdct.inverse(mdct_hat, wav.shape[-1]), mdct, mdct_hat, quantized
 
-    def tokenizer_parameters(self) -> list[nn.Parameter]:
-        """The weights that decide the tokens (encoder, the quantisers' input projections and codebooks)."""
-        return [p for name, p in self.named_parameters() if name in self.tokenizer_state_keys()]
+    @staticmethod
+    def is_tokenizer_weight(name: str) -> bool:
+        """Whether the state-dict entry `name` decides the tokens (encoder, quantisers' input projections, codebooks)."""
+        return name.startswith("encoder.") or (name.startswith("quantizer.")
+                                               and (".in_proj." in name or ".codebook." in name))
 
-    def tokenizer_state_keys(self) -> set[str]:
-        return {k for k in self.state_dict() if k.startswith("encoder.")
-                or (k.startswith("quantizer.") and (".in_proj." in k or ".codebook." in k))}
+    def tokenizer_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if self.is_tokenizer_weight(name)]
 
     @property
     def tokenizer_frozen(self) -> bool:
@@ -228,12 +229,13 @@ class Codec(nn.Module):
         """tokens (batch, streams, frames) -> quantised latent (batch, latent_dim, frames)."""
         return self.quantizer.decode(tokens)
 
-    def decode_latent(self, latent: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        return self.mdct.inverse(self.decoder(latent), length)
+    def decode_mdct(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, streams, frames) -> decoded MDCT (batch, hop, mdct_frames), before the inverse MDCT."""
+        return self.decoder(self.tokens_to_latent(tokens))
 
     def decode(self, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """tokens (batch, streams, frames) -> wav (batch, length or the token-aligned length)."""
-        return self.decode_latent(self.tokens_to_latent(tokens), length)
+        return self.mdct.inverse(self.decode_mdct(tokens), length)
 
     # --------------------------------------------------------------------------------------- persistence
     @classmethod

@@ -45,7 +45,7 @@ def replace_codec(payload: dict, codec_path: Path) -> dict:
     for section in ("mdct", "encoder", "quantizer"):
         if old_config[section] != new_config[section]:
             raise UserError(f"{codec_path}: codec.{section} differs from the enhancer's codec, so its tokens differ")
-    for key in sorted(Codec.from_config(payload["codec"]["config"]).tokenizer_state_keys()):
+    for key in sorted(filter(Codec.is_tokenizer_weight, payload["codec"]["model"])):
         if not torch.equal(payload["codec"]["model"][key].float(), newer["model"][key].float()):
             raise UserError(f"{codec_path}: weight {key} differs from the enhancer's codec, so its tokens differ "
                             "(fine-tune with codec.train.freeze_tokenizer_step to keep them)")

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             wav = torch.from_numpy(load_audio(args.data_dir / f, rate)[0])[None]
             padded = codec.pad(wav)
             mdct = codec.mdct(padded)  # (1, bins, frames)
-            decoded = codec.decoder(codec.tokens_to_latent(codec.encode(wav)))
+            decoded = codec.decode_mdct(codec.encode(padded))
             correlations.append(bin_correlation(mdct, decoded))
             random_signs = torch.where(torch.rand(mdct.shape, generator=generator) < 0.5, -1.0, 1.0)
             low_exact = torch.cat([mdct[:, :low_bins], mdct[:, low_bins:].abs() * random_signs[:, low_bins:]], 1)

@@ -76,7 +76,8 @@ def substitute(command: str, workspace: Path) -> str:
 
 def max_steps_for(command: str) -> int:
     """A few steps past wherever the run's checkpoint folder already is (the model card resumes a committed run)."""
-    folder = Path(shlex.split(command)[shlex.split(command).index("--checkpoint_dir") + 1])
+    argv = shlex.split(command)
+    folder = Path(argv[argv.index("--checkpoint_dir") + 1])
     committed = sorted((REPO / folder).glob("checkpoint_*.pt")) if not folder.is_absolute() else []
     start = int(committed[-1].stem.split("_")[1]) if committed else 0
     return start + TRAINING_STEPS
