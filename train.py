@@ -38,8 +38,8 @@ from models.mdct import bin_correlation
 from models.paragse import ParaGSE
 from models.serial import SerialEnhancer
 from utils import (UserError, count_parameters, find_audio_files, load_audio, load_checkpoint, load_config,
-                   load_state_dict_checked, resolve_device, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state)
+                   load_matching_weights, load_state_dict_checked, resolve_device, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state)
 
 log = logging.getLogger("train")
 CHECKPOINT_PATTERN = "checkpoint_{:08d}.pt"
@@ -397,6 +397,12 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     max_steps = train_cfg["max_steps"] if args.max_steps is None else args.max_steps
 
     codec = Codec.from_config(config).to(device)
+    # The discriminator and the waveform losses judge a waveform; a log-mel decoder trains on its spectrum alone.
+    use_discriminator = 0 <= train_cfg["discriminator_start_step"]
+    if codec.output == "log_mel" and (use_discriminator or loss_cfg["multi_scale_mel"] > 0):
+        raise UserError("a log-mel decoder (codec.decoder.output) trains without the discriminator and the "
+                        "multi-scale mel loss: set codec.train.discriminator_start_step to -1 and "
+                        "codec.loss.multi_scale_mel to 0")
     disc = MultiResolutionMDCTDiscriminator(config).to(device)
     opt_g = torch.optim.AdamW(codec.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
                               weight_decay=train_cfg["weight_decay"])
@@ -415,8 +421,14 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     initial = None
     if not resumed and args.init_from:
         initial = load_checkpoint(args.init_from, "codec")
-        load_state_dict_checked(codec, initial["model"], args.init_from)
-        if "discriminator" in initial:
+        if initial["config"]["codec"]["decoder"].get("output", "mdct") == codec.output:
+            load_state_dict_checked(codec, initial["model"], args.init_from)
+        else:  # a new decoder head on trained weights: everything but the output convolution carries over
+            fresh = load_matching_weights(codec, initial["model"])
+            if rank == 0:
+                log.info("--init_from %s: its decoder outputs another spectrum; %s start afresh", args.init_from,
+                         ", ".join(fresh))
+        if "discriminator" in initial and use_discriminator:
             load_state_dict_checked(disc, initial["discriminator"], args.init_from)
     if rank == 0:
         log.info("codec: %.2f M parameters (encoder %.2f M, decoder %.2f M), discriminator %.2f M",
@@ -455,10 +467,11 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
             if rank == 0:
                 log.info("step %d: tokenizer frozen (encoder, codebooks); only the decoder trains from here", run.step)
         clean = clean.to(device, non_blocking=True)
-        use_gan = run.step >= train_cfg["discriminator_start_step"]
+        use_gan = use_discriminator and run.step >= train_cfg["discriminator_start_step"]
         with amp:
-            recon, mdct, mdct_hat, quantized = codec_ddp(clean)
-        recon, mdct_hat = recon.float(), mdct_hat.float()
+            mdct, decoded, quantized = codec_ddp(clean)
+        decoded = decoded.float()
+        recon = codec.mdct.inverse(decoded, clean.shape[-1]) if codec.output == "mdct" else None
 
         # Discriminator first (real speech vs the detached reconstruction), so the generator below is judged by
         # the updated discriminator and no graph spans an in-place weight update.
@@ -473,14 +486,16 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                 opt_d.step()
 
         # Generator: reconstruction terms always, adversarial terms once the discriminator is on.
-        mel_clean, mel_recon = log_mel(clean), log_mel(recon)
+        mel_clean = log_mel(clean)
+        mel_recon = log_mel(recon) if recon is not None else decoded
         terms = {
             "mel_l1": F.l1_loss(mel_recon, mel_clean),
             "mel_mse": F.mse_loss(mel_recon, mel_clean),
-            "mdct_mse": F.mse_loss(mdct_hat, mdct.float()),
             "codebook": quantized.codebook_loss.float(),
             "commitment": quantized.commitment_loss.float(),
         }
+        if recon is not None:
+            terms["mdct_mse"] = F.mse_loss(decoded, mdct.float())
         if multi_scale_mel is not None:
             terms["multi_scale_mel"] = multi_scale_mel(recon, clean)
         if use_gan:
@@ -530,13 +545,14 @@ def validate_codec(codec: Codec, valid: list, log_mel: LogMel, run_log: RunLog, 
     sums: dict[str, list[float]] = {}
     for i, (name, clean) in enumerate(valid):
         clean = clean.to(device)[None]
-        decoded_mdct = codec.decode_mdct(codec.encode(clean))
-        recon = codec.mdct.inverse(decoded_mdct, clean.shape[-1])
+        decoded = codec.decode_spectrum(codec.encode(clean))
+        recon = codec.synthesise(decoded, clean.shape[-1])
         sums.setdefault("valid/mel_l1", []).append(F.l1_loss(log_mel(recon), log_mel(clean)).item())
-        # Does the decoder reproduce the phase below 1 kHz, or only the magnitudes? (scripts/phase_diagnosis.py)
-        correlation = bin_correlation(codec.mdct(codec.pad(clean)), decoded_mdct)
-        sums.setdefault("valid/mdct_correlation_below_1khz", []).append(
-            correlation[: codec.bins_below(1000)].mean().item())
+        if codec.output == "mdct":
+            # Does the decoder reproduce the phase below 1 kHz, or only the magnitudes? (scripts/phase_diagnosis.py)
+            correlation = bin_correlation(codec.mdct(codec.pad(clean)), decoded)
+            sums.setdefault("valid/mdct_correlation_below_1khz", []).append(
+                correlation[: codec.bins_below(1000)].mean().item())
         scores = copy_synthesis_scores(recon[0], clean[0], config["sample_rate"], config["run"]["validation_dnsmos"])
         for key, value in scores.items():
             sums.setdefault(f"valid/{key}", []).append(value)

@@ -218,6 +218,16 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict, source: str | 
     module.load_state_dict(state)
 
 
+def load_matching_weights(module: torch.nn.Module, state: dict) -> list[str]:
+    """Load the entries of `state` whose name and shape match `module`; return the modules left as initialised."""
+    own = module.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(matching, strict=False)
+    fresh = {k.split(".parametrizations")[0] if ".parametrizations" in k else k.rsplit(".", 1)[0]
+             for k in own if k not in matching}
+    return sorted(fresh)
+
+
 # ----------------------------------------------------------------------------------------------- misc helpers
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -268,3 +278,9 @@ def stft(wav: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> tor
     """Centred Hann STFT, the project's only one: (batch, samples) -> complex (batch, n_fft // 2 + 1, frames)."""
     window = torch.hann_window(win_length, device=wav.device, dtype=wav.dtype)
     return torch.stft(wav, n_fft, hop_length, win_length, window, center=True, return_complex=True)
+
+
+def istft(spectrum: torch.Tensor, n_fft: int, hop_length: int, win_length: int, length: int | None = None) -> torch.Tensor:
+    """Inverse of `stft`: complex (batch, n_fft // 2 + 1, frames) -> (batch, length or (frames - 1) * hop)."""
+    window = torch.hann_window(win_length, device=spectrum.device, dtype=spectrum.real.dtype)
+    return torch.istft(spectrum, n_fft, hop_length, win_length, window, center=True, length=length)

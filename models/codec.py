@@ -5,6 +5,9 @@ Shapes at the boundary:
     mdct    (batch, hop, mdct_frames)   400 frames/s
     latent  (batch, latent_dim, frames) 50 frames/s
     tokens  (batch, streams, frames)    int64 in [0, codebook_size)
+    decoded (batch, bins, mdct_frames)  what the decoder outputs (`codec.decoder.output`): MDCT coefficients
+                                        (bins = hop; the paper), or a log-mel spectrogram (bins = n_mels of
+                                        `codec.loss.mel`) that Griffin-Lim turns into a waveform
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from models.griffin_lim import MelGriffinLim
 from models.mdct import MDCT
 from models.quantizers import QuantizerOutput, build_quantizer
-from utils import load_checkpoint, load_state_dict_checked, padded_length, save_checkpoint, validate_config
+from utils import UserError, load_checkpoint, load_state_dict_checked, padded_length, save_checkpoint, validate_config
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -133,10 +137,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (batch, latent_dim, frames) -> MDCT (batch, hop, frames * upsample)."""
+    """Latent (batch, latent_dim, frames) -> spectrum (batch, output_bins, frames * upsample)."""
 
     def __init__(self, latent_dim: int, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int,
-                 upsample: int, upsample_kernel: int, mdct_bins: int):
+                 upsample: int, upsample_kernel: int, output_bins: int):
         super().__init__()
         pad = kernel_size // 2
         self.conv_in = weight_norm(nn.Conv1d(latent_dim, dim, kernel_size, padding=pad))
@@ -145,10 +149,13 @@ class Decoder(nn.Module):
         )
         self.conv_mid = nn.Conv1d(dim, dim, kernel_size, padding=pad)
         self.trunk = ConvNeXtStack(dim, intermediate_dim, num_blocks, kernel_size, exact=False)
-        self.conv_out = weight_norm(nn.Conv1d(dim, mdct_bins, kernel_size, padding=pad))
+        self.conv_out = weight_norm(nn.Conv1d(dim, output_bins, kernel_size, padding=pad))
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.conv_out(self.trunk(self.conv_mid(self.upsample(self.conv_in(latent)))))
+
+
+DECODER_OUTPUTS = ("mdct", "log_mel")
 
 
 class Codec(nn.Module):
@@ -165,11 +172,21 @@ class Codec(nn.Module):
         self.hop_length = mdct["hop_length"]
         self.downsample = enc["downsample"]
         self.mdct = MDCT(mdct["frame_length"], mdct["hop_length"])
+        self.output = dec["output"]
+        if self.output not in DECODER_OUTPUTS:
+            raise UserError(f"codec.decoder.output must be one of {', '.join(DECODER_OUTPUTS)}, not {self.output!r}")
+        if self.output == "log_mel":
+            mel = c["loss"]["mel"]
+            if mel["hop_length"] != self.hop_length:
+                raise UserError("a log-mel decoder needs codec.loss.mel.hop_length == codec.mdct.hop_length "
+                                "(one mel frame per MDCT frame)")
+            self.griffin_lim = MelGriffinLim.from_config(config)
+        output_bins = self.hop_length if self.output == "mdct" else c["loss"]["mel"]["n_mels"]
         self.encoder = Encoder(self.hop_length, enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
                                enc["kernel_size"], enc["downsample"], enc["latent_dim"])
         self.quantizer = build_quantizer(enc["latent_dim"], c["quantizer"])
         self.decoder = Decoder(enc["latent_dim"], dec["dim"], dec["intermediate_dim"], dec["num_blocks"],
-                               dec["kernel_size"], enc["downsample"], dec["upsample_kernel"], self.hop_length)
+                               dec["kernel_size"], enc["downsample"], dec["upsample_kernel"], output_bins)
 
     @property
     def num_streams(self) -> int:
@@ -184,15 +201,15 @@ class Codec(nn.Module):
         return int(hz // (self.sample_rate / 2 / self.hop_length))
 
     # ------------------------------------------------------------------------------------------ training
-    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantizerOutput]:
-        """wav (batch, samples) -> (reconstruction (batch, samples), mdct, reconstructed mdct, quantiser output).
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantizerOutput]:
+        """wav (batch, samples) -> (input mdct, decoded spectrum, quantiser output); see the module docstring.
 
-        `samples` must be a token-aligned length (see `utils.padded_length`); training segments are.
+        `samples` must be a token-aligned length (see `utils.padded_length`); training segments are. The
+        waveform is left to `synthesise`: a log-mel decoder trains on its spectrum, without Griffin-Lim.
         """
         mdct = self.mdct(wav)
         quantized = self.quantizer(self.encoder(mdct))
-        mdct_hat = self.decoder(quantized.latent)
-        return self.mdct.inverse(mdct_hat, wav.shape[-1]), mdct, mdct_hat, quantized
+        return mdct, self.decoder(quantized.latent), quantized
 
     @staticmethod
     def is_tokenizer_weight(name: str) -> bool:
@@ -229,13 +246,19 @@ class Codec(nn.Module):
         """tokens (batch, streams, frames) -> quantised latent (batch, latent_dim, frames)."""
         return self.quantizer.decode(tokens)
 
-    def decode_mdct(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, streams, frames) -> decoded MDCT (batch, hop, mdct_frames), before the inverse MDCT."""
+    def decode_spectrum(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, streams, frames) -> decoded spectrum (batch, bins, mdct_frames), before synthesis."""
         return self.decoder(self.tokens_to_latent(tokens))
+
+    def synthesise(self, decoded: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Decoded spectrum (batch, bins, mdct_frames) -> wav (batch, length or the token-aligned length)."""
+        if self.output == "mdct":
+            return self.mdct.inverse(decoded, length)
+        return self.griffin_lim(decoded, length)
 
     def decode(self, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """tokens (batch, streams, frames) -> wav (batch, length or the token-aligned length)."""
-        return self.mdct.inverse(self.decode_mdct(tokens), length)
+        return self.synthesise(self.decode_spectrum(tokens), length)
 
     # --------------------------------------------------------------------------------------- persistence
     @classmethod

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         codec = Codec.load(args.checkpoint).float().eval()
+        if codec.output != "mdct":
+            raise UserError(f"{args.checkpoint}: its decoder outputs {codec.output}, not MDCT; nothing to diagnose")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             wav = torch.from_numpy(load_audio(args.data_dir / f, rate)[0])[None]
             padded = codec.pad(wav)
             mdct = codec.mdct(padded)  # (1, bins, frames)
-            decoded = codec.decode_mdct(codec.encode(padded))
+            decoded = codec.decode_spectrum(codec.encode(padded))
             correlations.append(bin_correlation(mdct, decoded))
             random_signs = torch.where(torch.rand(mdct.shape, generator=generator) < 0.5, -1.0, 1.0)
             low_exact = torch.cat([mdct[:, :low_bins], mdct[:, low_bins:].abs() * random_signs[:, low_bins:]], 1)

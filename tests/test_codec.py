@@ -250,3 +250,64 @@ def test_frozen_tokenizer_keeps_tokens_while_the_decoder_trains_and_enhancers_ca
     assert export_model.main([str(enhancer), str(tmp_path / "refused.pt"), "--codec", str(drifted)]) == 2
     assert "differs from the enhancer's codec" in capsys.readouterr().err
     assert not (tmp_path / "refused.pt").exists()
+
+
+def test_griffin_lim_recovers_intelligible_speech_from_an_exact_log_mel(speech):
+    from pystoi import stoi
+
+    from models.griffin_lim import MelGriffinLim
+
+    config = load_config(str(REPO / "configs" / "demo_mel_decoder.json"))
+    wav = torch.from_numpy(speech)[None]
+    vocoder = MelGriffinLim.from_config(config)
+    first = vocoder(LogMel.from_config(config)(wav), wav.shape[-1])
+    assert first.shape == wav.shape
+    assert torch.equal(first, vocoder(LogMel.from_config(config)(wav), wav.shape[-1])), "same input, same output"
+    assert stoi(speech, first[0].numpy(), 16000, extended=True) > 0.9
+
+
+def _log_mel_config(tmp_path, **train_overrides):
+    import json
+
+    config = json.loads(TINY_CONFIG.read_text())
+    config["codec"]["decoder"]["output"] = "log_mel"
+    config["codec"]["griffin_lim"] = {"iterations": 8}
+    config["codec"]["train"] |= {"discriminator_start_step": -1, "freeze_tokenizer_step": 0} | train_overrides
+    path = tmp_path / "log_mel.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_log_mel_decoder_learns_on_the_tokens_of_a_trained_mdct_codec(tmp_path, clip_dir, speech, caplog):
+    import shutil
+
+    mdct_codec = _train_codec(tmp_path, clip_dir, 4, run_dir="mdct")
+    with caplog.at_level("INFO", logger="train"):
+        start = _train_codec(tmp_path, clip_dir, 0, run_dir="mel", extra=(
+            "--config", str(_log_mel_config(tmp_path)), "--init_from", str(mdct_codec)))
+    assert "decoder.conv_out start afresh" in caplog.text
+    start = shutil.copy(start, tmp_path / "mel_step0.pt")  # the run resumes from it; keep_last would prune it
+    end = _train_codec(tmp_path, clip_dir, 60, run_dir="mel", extra=("--config", str(_log_mel_config(tmp_path))))
+    wav = torch.from_numpy(speech)[None]
+    log_mel = LogMel.from_config(load_config(TINY_CONFIG))
+
+    def spectrum_error(path):
+        codec = Codec.load(path)
+        with torch.inference_mode():
+            decoded = codec.decode_spectrum(codec.encode(wav))
+            return F.l1_loss(decoded, log_mel(codec.pad(wav))).item()
+
+    with torch.inference_mode():
+        tokens = Codec.load(mdct_codec).encode(wav)
+        trained = Codec.load(end)
+        assert torch.equal(trained.encode(wav), tokens), "the tokens of the MDCT codec stay valid"
+        assert trained.decode(tokens, wav.shape[-1]).shape == wav.shape
+    assert spectrum_error(end) < 0.5 * spectrum_error(start)
+
+
+def test_a_log_mel_decoder_refuses_the_discriminator(tmp_path, clip_dir, capsys):
+    config = _log_mel_config(tmp_path, discriminator_start_step=0)
+    argv = ["--stage", "codec", "--config", str(config), "--checkpoint_dir", str(tmp_path / "run"),
+            "--train_dir", str(clip_dir), "--max_steps", "1", "--device", "cpu"]
+    assert train.main(argv) == 2
+    assert "discriminator_start_step to -1" in capsys.readouterr().err
