@@ -174,21 +174,26 @@ def _log_rows(path) -> list[tuple[int, float, str, float]]:
         return [(int(r["step"]), float(r["compute_hours"]), r["key"], float(r["value"])) for r in csv.DictReader(f)]
 
 
-def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip_dir):
-    """A fresh clone resumes the committed demo codec run: the next logged point follows the last one."""
+@pytest.mark.parametrize("run, config_name", [("demo_codec", "demo.json"), ("demo_mel_decoder", "demo_mel_decoder.json")])
+def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip_dir, run, config_name):
+    """A fresh clone resumes a committed demo codec run: the next logged point follows the last one."""
     import json
     import shutil
 
-    committed = sorted((REPO / "training" / "demo_codec").glob("checkpoint_*.pt"))
-    assert committed, "no committed demo codec checkpoint under training/demo_codec"
-    run_dir = tmp_path / "demo_codec"
+    committed = sorted((REPO / "training" / run).glob("checkpoint_*.pt"))
+    assert committed, f"no committed checkpoint under training/{run}"
+    run_dir = tmp_path / run
     run_dir.mkdir()
     shutil.copy(committed[-1], run_dir)
-    shutil.copy(REPO / "training" / "demo_codec" / "log.csv", run_dir)
+    shutil.copy(REPO / "training" / run / "log.csv", run_dir)
     before = _log_rows(run_dir / "log.csv")
     last_step = int(committed[-1].stem.split("_")[1])
-    config = tmp_path / "demo_log_every_step.json"
-    demo = json.loads((REPO / "configs" / "demo.json").read_text())
+    config = tmp_path / "log_every_step.json"
+    demo = json.loads((REPO / "configs" / config_name).read_text())
+    if "base" in demo:
+        demo["base"] = str(REPO / "configs" / demo["base"])
+    demo.setdefault("run", {})
+    demo.setdefault("data", {})
     demo["run"] |= {"log_every": 1, "validate_every": last_step + 2, "validation_dnsmos": False}
     demo["data"] |= {"num_workers": 0, "validation_files": 1}
     config.write_text(json.dumps(demo))
@@ -211,8 +216,9 @@ def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip
     resumed = [row[3] for row in new if row[2] == "train/mel_l1"]
     assert max(resumed) < 1.5 * np.mean(trained), (resumed, trained)
     validated = {row[2]: row[3] for row in new if row[2].startswith("valid/")}
-    assert {"valid/estoi", "valid/pesq", "valid/mdct_correlation_below_1khz"} <= set(validated)
-    assert -1 <= validated["valid/mdct_correlation_below_1khz"] <= 1
+    assert {"valid/estoi", "valid/pesq"} <= set(validated)
+    if run == "demo_codec":  # an MDCT decoder: does it reproduce the phase?
+        assert -1 <= validated["valid/mdct_correlation_below_1khz"] <= 1
 
 
 def test_frozen_tokenizer_keeps_tokens_while_the_decoder_trains_and_enhancers_can_take_the_new_decoder(
