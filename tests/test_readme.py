@@ -74,12 +74,19 @@ def substitute(command: str, workspace: Path) -> str:
     return command
 
 
+def committed(path: Path) -> bool:
+    """Whether git tracks `path`: checkpoints a developer has locally but a fresh clone lacks must not count."""
+    done = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=REPO, capture_output=True)
+    return done.returncode == 0
+
+
 def max_steps_for(command: str) -> int:
     """A few steps past wherever the run's checkpoint folder already is (the model card resumes a committed run)."""
     argv = shlex.split(command)
     folder = Path(argv[argv.index("--checkpoint_dir") + 1])
-    committed = sorted((REPO / folder).glob("checkpoint_*.pt")) if not folder.is_absolute() else []
-    start = int(committed[-1].stem.split("_")[1]) if committed else 0
+    committed_checkpoints = (sorted(filter(committed, (REPO / folder).glob("checkpoint_*.pt")))
+                             if not folder.is_absolute() else [])
+    start = int(committed_checkpoints[-1].stem.split("_")[1]) if committed_checkpoints else 0
     return start + TRAINING_STEPS
 
 
@@ -98,8 +105,9 @@ def workspace(tmp_path_factory) -> Path:
                                                                           "examples"}:
             (root / item.name).symlink_to(item)
     shutil.copytree(REPO / "pretrained", root / "pretrained")
-    shutil.copytree(REPO / "training", root / "training",
-                    ignore=lambda folder, names: [n for n in names if n in {"tensorboard", "stdout.log"}])
+    shutil.copytree(REPO / "training", root / "training",  # as a fresh clone has it
+                    ignore=lambda folder, names: [n for n in names if n in {"tensorboard", "stdout.log"} or (
+                        n.startswith("checkpoint_") and not committed(Path(folder) / n))])
     clean = [sf.read(p, dtype="float32")[0] for p in example_clips()]
     noisy = [sf.read(EXAMPLES / "degraded" / "noise" / p.name, dtype="float32")[0] for p in example_clips()]
     # VoiceBank+DEMAND as downloaded (48 kHz), and LibriTTS stand-ins.
