@@ -175,13 +175,14 @@ class Codec(nn.Module):
         self.output = dec["output"]
         if self.output not in DECODER_OUTPUTS:
             raise UserError(f"codec.decoder.output must be one of {', '.join(DECODER_OUTPUTS)}, not {self.output!r}")
+        output_bins = self.hop_length
         if self.output == "log_mel":
             mel = c["loss"]["mel"]
             if mel["hop_length"] != self.hop_length:
                 raise UserError("a log-mel decoder needs codec.loss.mel.hop_length == codec.mdct.hop_length "
                                 "(one mel frame per MDCT frame)")
             self.griffin_lim = MelGriffinLim.from_config(config)
-        output_bins = self.hop_length if self.output == "mdct" else c["loss"]["mel"]["n_mels"]
+            output_bins = mel["n_mels"]
         self.encoder = Encoder(self.hop_length, enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
                                enc["kernel_size"], enc["downsample"], enc["latent_dim"])
         self.quantizer = build_quantizer(enc["latent_dim"], c["quantizer"])

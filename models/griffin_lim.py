@@ -9,30 +9,31 @@ a magnitude can be found by iteration instead of learned.
 """
 from __future__ import annotations
 
-import librosa
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import istft, stft
+from models.losses import LogMel
+from utils import UserError, istft, stft
 
 
 class MelGriffinLim(nn.Module):
     """Fast Griffin-Lim (Perraudin et al., 2013) from zero phase, so the same input always gives the same output."""
 
-    def __init__(self, sample_rate: int, mel_n_fft: int, hop_length: int, win_length: int, n_mels: int,
-                 n_fft: int, iterations: int, momentum: float):
+    def __init__(self, mel_filters: torch.Tensor, hop_length: int, win_length: int, n_fft: int, iterations: int,
+                 momentum: float):
+        """mel_filters (n_mels, mel_n_fft // 2 + 1): the filterbank that made the log-mel (`LogMel.filters`)."""
         super().__init__()
+        mel_n_fft = 2 * (mel_filters.shape[-1] - 1)
         if mel_n_fft % n_fft or n_fft < win_length:
-            raise ValueError(f"griffin_lim.n_fft ({n_fft}) must divide the mel n_fft ({mel_n_fft}) and cover the "
+            raise UserError(f"codec.griffin_lim.n_fft ({n_fft}) must divide the mel n_fft ({mel_n_fft}) and cover the "
                              f"window ({win_length})")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
         self.iterations, self.momentum = iterations, momentum
         # A window zero-padded to mel_n_fft has, at every (mel_n_fft / n_fft)-th bin, exactly the n_fft spectrum:
         # the iteration runs on the shorter FFT (the cost) without changing the magnitude it aims at.
-        self.bin_step = mel_n_fft // n_fft
-        filters = torch.from_numpy(librosa.filters.mel(sr=sample_rate, n_fft=mel_n_fft, n_mels=n_mels)).double()
-        self.register_buffer("inverse_filters", torch.linalg.pinv(filters)[:: self.bin_step].float(), persistent=False)
+        inverse = torch.linalg.pinv(mel_filters.double())[:: mel_n_fft // n_fft]
+        self.register_buffer("inverse_filters", inverse.float(), persistent=False)
 
     def magnitude(self, log_mel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> linear STFT magnitude (batch, n_fft // 2 + 1, frames)."""
@@ -55,6 +56,7 @@ class MelGriffinLim(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "MelGriffinLim":
+        """The inverse of `LogMel.from_config(config)`: built from its filterbank, so the two cannot drift apart."""
         mel, gl = config["codec"]["loss"]["mel"], config["codec"]["griffin_lim"]
-        return cls(config["sample_rate"], mel["n_fft"], mel["hop_length"], mel["win_length"], mel["n_mels"],
-                   gl["n_fft"], gl["iterations"], gl["momentum"])
+        return cls(LogMel.from_config(config).filters, mel["hop_length"], mel["win_length"], gl["n_fft"],
+                   gl["iterations"], gl["momentum"])
