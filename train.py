@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Callable
 from pathlib import Path
@@ -410,6 +411,9 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                               weight_decay=train_cfg["weight_decay"])
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda_codec(train_cfg))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda_codec(train_cfg))
+    # The discriminator's schedule runs in step with the generator's from step 0, before the discriminator first
+    # trains (discriminator_start_step); PyTorch would warn about that on every run.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     resumed = load_latest_checkpoint(Path(args.checkpoint_dir), "codec")
     if resumed:
         load_state_dict_checked(codec, resumed["model"], "resumed checkpoint")
@@ -419,10 +423,12 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         sched_g.load_state_dict(resumed["scheduler_g"])
         sched_d.load_state_dict(resumed["scheduler_d"])
     initial = None
+    centre_output = not resumed and codec.output == "log_mel"  # a fresh log-mel head starts at the data's mean
     if not resumed and args.init_from:
         initial = load_checkpoint(args.init_from, "codec")
         if initial["config"]["codec"]["decoder"].get("output", "mdct") == codec.output:
             load_state_dict_checked(codec, initial["model"], args.init_from)
+            centre_output = False
         else:  # a new decoder head on trained weights: everything but the output convolution carries over
             fresh = load_matching_weights(codec, initial["model"])
             if rank == 0:
@@ -442,6 +448,11 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"],
                          resumed["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     valid = validation_clean(args, config) if rank == 0 else []
+    if centre_output:
+        codec.eval()
+        codec.bypass_quantizer(train_cfg["quantizer_warmup_steps"] > 0)
+        codec.centre_log_mel_output(initialisation_segments(train_set, config, device))
+        codec.train()
     if world > 1:
         codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
         disc_ddp = DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
@@ -460,6 +471,12 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     for clean in loader:
         if run.step >= max_steps or run.stop.requested:
             break
+        codec.bypass_quantizer(run.step < train_cfg["quantizer_warmup_steps"])
+        if run.step == train_cfg["quantizer_warmup_steps"] > 0:
+            init_codebooks(codec, train_set, config, device, world)
+            if rank == 0:
+                log.info("step %d: quantiser warm-up over; codebooks set by k-means on the encoder's latents",
+                         run.step)
         if 0 <= train_cfg["freeze_tokenizer_step"] <= run.step and not codec.tokenizer_frozen:
             codec.freeze_tokenizer()
             if world > 1:  # DDP must be rebuilt to stop waiting for gradients of the frozen weights
@@ -530,6 +547,28 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         if run.step % run_cfg["checkpoint_every"] == 0:
             run.save(payload())
     run.finish(payload)
+
+
+def initialisation_segments(train_set: Dataset, config: dict, device: torch.device) -> torch.Tensor:
+    """The `init_segments` training segments that data-dependent initialisation looks at: (segments, samples).
+
+    They come from a stream of their own (seed + 1), so a resumed run draws the same ones as an uninterrupted run,
+    and the training stream is not disturbed.
+    """
+    stream = TrainingStream(train_set, config["data"]["seed"] + 1)
+    return torch.stack([stream[i] for i in range(config["codec"]["train"]["init_segments"])]).to(device)
+
+
+def init_codebooks(codec: Codec, train_set: Dataset, config: dict, device: torch.device, world: int) -> None:
+    """k-means codebooks on the encoder's latents of the initialisation segments, the same on every rank."""
+    wav = initialisation_segments(train_set, config, device)
+    was_training = codec.training
+    codec.eval()
+    codec.init_codebooks(wav, config["codec"]["train"]["kmeans_iterations"], config["data"]["seed"])
+    codec.train(was_training)
+    if world > 1:  # identical inputs give near-identical codebooks; make them exactly identical
+        for quantizer in codec.quantizer.quantizers:
+            dist.broadcast(quantizer.codebook.weight.data, 0)
 
 
 def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> float:

@@ -277,7 +277,10 @@ def padded_length(num_samples: int, hop_length: int, downsample: int) -> int:
 def stft(wav: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:
     """Centred Hann STFT, the project's only one: (batch, samples) -> complex (batch, n_fft // 2 + 1, frames)."""
     window = torch.hann_window(win_length, device=wav.device, dtype=wav.dtype)
-    return torch.stft(wav, n_fft, hop_length, win_length, window, center=True, return_complex=True)
+    # Reflection needs more samples than half an FFT; a clip shorter than that (a few ms) is padded with silence.
+    pad_mode = "reflect" if wav.shape[-1] > n_fft // 2 else "constant"
+    return torch.stft(wav, n_fft, hop_length, win_length, window, center=True, pad_mode=pad_mode,
+                      return_complex=True)
 
 
 def istft(spectrum: torch.Tensor, n_fft: int, hop_length: int, win_length: int, length: int | None = None) -> torch.Tensor:

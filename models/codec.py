@@ -19,8 +19,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from models.griffin_lim import MelGriffinLim
+from models.losses import LogMel
 from models.mdct import MDCT
-from models.quantizers import QuantizerOutput, build_quantizer
+from models.quantizers import QuantizerOutput, build_quantizer, set_bypass
 from utils import UserError, load_checkpoint, load_state_dict_checked, padded_length, save_checkpoint, validate_config
 
 
@@ -121,28 +122,45 @@ class ConvNeXtStack(nn.Module):
 
 
 class Encoder(nn.Module):
-    """MDCT (batch, hop, mdct_frames) -> latent (batch, latent_dim, mdct_frames / downsample)."""
+    """Analysis (batch, input_bins, mdct_frames) -> latent (batch, latent_dim, mdct_frames / downsample).
 
-    def __init__(self, mdct_bins: int, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int,
-                 downsample: int, latent_dim: int):
+    The ConvNeXt trunk runs at the MDCT frame rate (the paper) or, with `latent_rate_trunk`, after the downsampling
+    at the latent rate: downsample-times cheaper per block, the choice for CPU budgets. The latent-rate strided
+    conv then spans two latent frames; the paper's kernel (7) is shorter than its stride (8).
+    """
+
+    def __init__(self, input_bins: int, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int,
+                 downsample: int, latent_dim: int, latent_rate_trunk: bool = False):
         super().__init__()
         pad = kernel_size // 2
-        self.conv_in = nn.Conv1d(mdct_bins, dim, kernel_size, padding=pad)
+        self.latent_rate_trunk = latent_rate_trunk
+        self.conv_in = nn.Conv1d(input_bins, dim, kernel_size, padding=pad)
         self.trunk = ConvNeXtStack(dim, intermediate_dim, num_blocks, kernel_size)
-        self.downsample = weight_norm(nn.Conv1d(dim, dim, kernel_size, stride=downsample, padding=pad))
+        if latent_rate_trunk:
+            self.downsample = weight_norm(nn.Conv1d(dim, dim, 2 * downsample, stride=downsample,
+                                                    padding=downsample // 2))
+        else:
+            self.downsample = weight_norm(nn.Conv1d(dim, dim, kernel_size, stride=downsample, padding=pad))
         self.conv_out = weight_norm(nn.Conv1d(dim, latent_dim, kernel_size, padding=pad))
 
-    def forward(self, mdct: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.downsample(self.trunk(self.conv_in(mdct))))
+    def forward(self, analysis: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(analysis)
+        x = self.trunk(self.downsample(x)) if self.latent_rate_trunk else self.downsample(self.trunk(x))
+        return self.conv_out(x)
 
 
 class Decoder(nn.Module):
-    """Latent (batch, latent_dim, frames) -> spectrum (batch, output_bins, frames * upsample)."""
+    """Latent (batch, latent_dim, frames) -> spectrum (batch, output_bins, frames * upsample).
+
+    The trunk runs after the upsampling, at the MDCT frame rate (the paper), or before it at the latent rate
+    (`latent_rate_trunk`; see Encoder).
+    """
 
     def __init__(self, latent_dim: int, dim: int, intermediate_dim: int, num_blocks: int, kernel_size: int,
-                 upsample: int, upsample_kernel: int, output_bins: int):
+                 upsample: int, upsample_kernel: int, output_bins: int, latent_rate_trunk: bool = False):
         super().__init__()
         pad = kernel_size // 2
+        self.latent_rate_trunk = latent_rate_trunk
         self.conv_in = weight_norm(nn.Conv1d(latent_dim, dim, kernel_size, padding=pad))
         self.upsample = weight_norm(
             nn.ConvTranspose1d(dim, dim, upsample_kernel, stride=upsample, padding=(upsample_kernel - upsample) // 2)
@@ -152,10 +170,13 @@ class Decoder(nn.Module):
         self.conv_out = weight_norm(nn.Conv1d(dim, output_bins, kernel_size, padding=pad))
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.trunk(self.conv_mid(self.upsample(self.conv_in(latent)))))
+        x = self.conv_in(latent)
+        if self.latent_rate_trunk:
+            return self.conv_out(self.conv_mid(self.upsample(self.trunk(x))))
+        return self.conv_out(self.trunk(self.conv_mid(self.upsample(x))))
 
 
-DECODER_OUTPUTS = ("mdct", "log_mel")
+SPECTRA = ("mdct", "log_mel")  # what the encoder may read and the decoder may write
 
 
 class Codec(nn.Module):
@@ -172,22 +193,24 @@ class Codec(nn.Module):
         self.hop_length = mdct["hop_length"]
         self.downsample = enc["downsample"]
         self.mdct = MDCT(mdct["frame_length"], mdct["hop_length"])
-        self.output = dec["output"]
-        if self.output not in DECODER_OUTPUTS:
-            raise UserError(f"codec.decoder.output must be one of {', '.join(DECODER_OUTPUTS)}, not {self.output!r}")
-        output_bins = self.hop_length
+        self.input, self.output = enc["input"], dec["output"]
+        for key, value in (("codec.encoder.input", self.input), ("codec.decoder.output", self.output)):
+            if value not in SPECTRA:
+                raise UserError(f"{key} must be one of {', '.join(SPECTRA)}, not {value!r}")
+        bins = {"mdct": self.hop_length, "log_mel": c["loss"]["mel"]["n_mels"]}
+        if "log_mel" in (self.input, self.output) and c["loss"]["mel"]["hop_length"] != self.hop_length:
+            raise UserError("a log-mel encoder input or decoder output needs codec.loss.mel.hop_length == "
+                            "codec.mdct.hop_length (one mel frame per MDCT frame)")
+        if self.input == "log_mel":
+            self.analysis_mel = LogMel.from_config(config)
         if self.output == "log_mel":
-            mel = c["loss"]["mel"]
-            if mel["hop_length"] != self.hop_length:
-                raise UserError("a log-mel decoder needs codec.loss.mel.hop_length == codec.mdct.hop_length "
-                                "(one mel frame per MDCT frame)")
             self.griffin_lim = MelGriffinLim.from_config(config)
-            output_bins = mel["n_mels"]
-        self.encoder = Encoder(self.hop_length, enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
-                               enc["kernel_size"], enc["downsample"], enc["latent_dim"])
+        self.encoder = Encoder(bins[self.input], enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
+                               enc["kernel_size"], enc["downsample"], enc["latent_dim"], enc["latent_rate_trunk"])
         self.quantizer = build_quantizer(enc["latent_dim"], c["quantizer"])
         self.decoder = Decoder(enc["latent_dim"], dec["dim"], dec["intermediate_dim"], dec["num_blocks"],
-                               dec["kernel_size"], enc["downsample"], dec["upsample_kernel"], output_bins)
+                               dec["kernel_size"], enc["downsample"], dec["upsample_kernel"], bins[self.output],
+                               dec["latent_rate_trunk"])
 
     @property
     def num_streams(self) -> int:
@@ -209,7 +232,7 @@ class Codec(nn.Module):
         waveform is left to `synthesise`: a log-mel decoder trains on its spectrum, without Griffin-Lim.
         """
         mdct = self.mdct(wav)
-        quantized = self.quantizer(self.encoder(mdct))
+        quantized = self.quantizer(self.encoder(mdct if self.input == "mdct" else self.analysis_mel(wav)))
         return mdct, self.decoder(quantized.latent), quantized
 
     @staticmethod
@@ -233,6 +256,32 @@ class Codec(nn.Module):
         for q in self.quantizer.quantizers:
             q.dead_code_threshold = 0.0
 
+    def analyse(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (batch, samples), token-aligned -> what the encoder reads (batch, bins, mdct_frames)."""
+        return self.mdct(wav) if self.input == "mdct" else self.analysis_mel(wav)
+
+    def bypass_quantizer(self, bypass: bool) -> None:
+        """Quantiser warm-up: the decoder gets the encoder's continuous latent (True) or its quantised tokens."""
+        set_bypass(self.quantizer, bypass)
+
+    @torch.no_grad()
+    def init_codebooks(self, wav: torch.Tensor, iterations: int, seed: int) -> None:
+        """Codebooks by k-means on the encoder's latents of wav (batch, samples), a token-aligned length."""
+        self.quantizer.kmeans_init(self.encoder(self.analyse(wav)), iterations, torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def centre_log_mel_output(self, wav: torch.Tensor) -> None:
+        """Shift a log-mel decoder's output bias so that its mean spectrum on wav (batch, samples) is the data's.
+
+        Speech log-mel averages about -5 (per band -8 to -3) while a fresh decoder outputs about 0; with Adam's
+        step of ~learning rate per weight, walking the bias there alone takes thousands of steps.
+        """
+        if self.output != "log_mel":
+            return
+        target = LogMel.from_config(self.config).to(wav.device)(wav)
+        decoded = self.decoder(self.quantizer(self.encoder(self.analyse(wav))).latent)
+        self.decoder.conv_out.bias += (target - decoded).mean(dim=(0, 2))
+
     # ----------------------------------------------------------------------------------------- inference
     def pad(self, wav: torch.Tensor) -> torch.Tensor:
         """Right-pad (batch, samples) with zeros to the next token-aligned length."""
@@ -241,7 +290,7 @@ class Codec(nn.Module):
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """wav (batch, samples) of any length -> tokens (batch, streams, ceil((samples + hop) / (hop * downsample)))."""
-        return self.quantizer(self.encoder(self.mdct(self.pad(wav)))).tokens
+        return self.quantizer(self.encoder(self.analyse(self.pad(wav)))).tokens
 
     def tokens_to_latent(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, streams, frames) -> quantised latent (batch, latent_dim, frames)."""

@@ -31,7 +31,12 @@ class VectorQuantizer(nn.Module):
     In training, codes whose running use falls below `dead_code_threshold` (uses per batch, exponential moving
     average) are restarted on encoder outputs of the current batch: without this, short CPU runs collapse onto a
     few percent of the codebook.
+
+    While `bypass` is set (the trainer's quantiser warm-up), the projected latent goes straight to the output
+    projection: the autoencoder learns a continuous code first, and `kmeans_init` then places the codebook on it.
     """
+
+    bypass = False
 
     def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int, dead_code_threshold: float = 0.0,
                  usage_decay: float = 0.99):
@@ -46,6 +51,9 @@ class VectorQuantizer(nn.Module):
         """x (batch, input_dim, frames) -> (output, tokens (batch, frames), codebook_loss, commitment_loss)."""
         projected = self.in_proj(x)  # (batch, codebook_dim, frames)
         tokens = self.nearest(projected)
+        if self.bypass:
+            zero = 0.0 * self.codebook.weight.sum()  # keeps the codebook in the graph, as DDP requires
+            return self.out_proj(projected), tokens, zero, zero
         codes = self.codebook(tokens).transpose(1, 2)
         codebook_loss = F.mse_loss(codes, projected.detach())
         commitment_loss = F.mse_loss(projected, codes.detach())
@@ -72,6 +80,33 @@ class VectorQuantizer(nn.Module):
         self.usage[dead] = 1.0
         if distributed:  # every replica must hold the same codebook
             dist.broadcast(self.codebook.weight.data, 0)
+
+    @torch.no_grad()
+    def kmeans_init(self, x: torch.Tensor, iterations: int, generator: torch.Generator) -> torch.Tensor:
+        """Set the codebook by k-means on the projected x (batch, input_dim, frames); returns the quantised output.
+
+        Assignment is by cosine, as in `nearest`, and each code becomes the plain mean of its members, because the
+        code itself (not its direction) replaces the latent on the way out. Empty clusters are reseeded on random
+        members, so every code starts in use.
+        """
+        vectors = self.in_proj(x).transpose(1, 2).reshape(-1, self.codebook.weight.shape[1]).float()
+        unit = F.normalize(vectors, dim=-1)
+        size = self.codebook.weight.shape[0]
+
+        def picks(count: int) -> torch.Tensor:
+            return torch.randint(vectors.shape[0], (count,), generator=generator).to(vectors.device)
+
+        centres = vectors[picks(size)]
+        for _ in range(iterations):
+            members = torch.matmul(unit, F.normalize(centres, dim=-1).t()).argmax(dim=-1)
+            counts = torch.bincount(members, minlength=size).float()
+            sums = torch.zeros_like(centres).index_add_(0, members, vectors)
+            empty = counts == 0
+            centres = sums / counts.clamp(min=1.0)[:, None]
+            centres[empty] = vectors[picks(int(empty.sum()))]
+        self.codebook.weight.data.copy_(centres.to(self.codebook.weight.dtype))
+        self.usage.fill_(1.0)
+        return self.decode(self.nearest(self.in_proj(x)))
 
     def nearest(self, projected: torch.Tensor) -> torch.Tensor:
         latent = F.normalize(projected.transpose(1, 2), dim=-1)  # (batch, frames, codebook_dim)
@@ -116,6 +151,11 @@ class GroupVectorQuantizer(nn.Module):
         """tokens (batch, groups, frames) -> latent (batch, latent_dim, frames)."""
         return torch.cat([q.decode(tokens[:, i]) for i, q in enumerate(self.quantizers)], dim=1)
 
+    def kmeans_init(self, latent: torch.Tensor, iterations: int, generator: torch.Generator) -> None:
+        """Every group's codebook by k-means on its slice of latent (batch, latent_dim, frames)."""
+        for quantizer, group in zip(self.quantizers, latent.split(self.group_dim, dim=1)):
+            quantizer.kmeans_init(group, iterations, generator)
+
 
 class ResidualVectorQuantizer(nn.Module):
     """Quantise the whole latent, then each residual in turn: stream k refines streams < k (serial)."""
@@ -151,9 +191,21 @@ class ResidualVectorQuantizer(nn.Module):
         """tokens (batch, quantizers, frames) -> latent (batch, latent_dim, frames)."""
         return sum(self.stream_vectors(tokens[:, k], k) for k in range(self.num_streams))
 
+    def kmeans_init(self, latent: torch.Tensor, iterations: int, generator: torch.Generator) -> None:
+        """Each codebook in turn by k-means on the residual the codebooks before it leave of latent."""
+        residual = latent
+        for quantizer in self.quantizers:
+            residual = residual - quantizer.kmeans_init(residual, iterations, generator)
+
     def stream_vectors(self, tokens: torch.Tensor, stream: int) -> torch.Tensor:
         """Latent contribution of quantiser `stream` for its tokens (batch, frames)."""
         return self.quantizers[stream].decode(tokens)
+
+
+def set_bypass(quantizer: GroupVectorQuantizer | ResidualVectorQuantizer, bypass: bool) -> None:
+    """Pass the continuous latent through every codebook (True) or quantise it (False); see VectorQuantizer."""
+    for q in quantizer.quantizers:
+        q.bypass = bypass
 
 
 def build_quantizer(latent_dim: int, config: dict) -> GroupVectorQuantizer | ResidualVectorQuantizer:

@@ -39,9 +39,15 @@ def test_mdct_correlation_measures_phase_not_magnitude():
     assert wrong_phase.mean().abs() < 0.05 and wrong_phase[:5].mean().abs() < 0.1, wrong_phase
 
 
-def test_paper_codec_token_shapes_and_any_length(speech):
+@pytest.mark.parametrize("spectra, latent_rate_trunk", [(("mdct", "mdct"), False), (("log_mel", "log_mel"), True)],
+                         ids=["paper", "log_mel_latent_rate"])
+def test_paper_codec_token_shapes_and_any_length(speech, spectra, latent_rate_trunk):
     seed_everything(0)
-    codec = Codec.from_config(load_config()).eval()
+    config = load_config()
+    config["codec"]["encoder"]["input"], config["codec"]["decoder"]["output"] = spectra
+    for side in ("encoder", "decoder"):
+        config["codec"][side]["latent_rate_trunk"] = latent_rate_trunk
+    codec = Codec.from_config(config).eval()
     wav = torch.from_numpy(speech[:31960])[None]
     with torch.inference_mode():
         tokens = codec.encode(wav)
@@ -317,3 +323,34 @@ def test_a_log_mel_decoder_refuses_the_discriminator(tmp_path, clip_dir, capsys)
             "--train_dir", str(clip_dir), "--max_steps", "1", "--device", "cpu"]
     assert train.main(argv) == 2
     assert "discriminator_start_step to -1" in capsys.readouterr().err
+
+
+def test_quantiser_warm_up_ends_in_k_means_codebooks_that_fit_the_latent(tmp_path, clip_dir, speech, caplog):
+    import json
+    import shutil
+
+    config = json.loads(TINY_CONFIG.read_text())
+    config["codec"]["train"] |= {"quantizer_warmup_steps": 4, "init_segments": 32, "kmeans_iterations": 10}
+    path = tmp_path / "warm_up.json"
+    path.write_text(json.dumps(config))
+    extra = ("--config", str(path))
+    warm = shutil.copy(_train_codec(tmp_path, clip_dir, 4, run_dir="resumed", extra=extra), tmp_path / "warm.pt")
+    with caplog.at_level("INFO", logger="train"):
+        resumed = _train_codec(tmp_path, clip_dir, 6, run_dir="resumed", extra=extra)
+    assert "codebooks set by k-means" in caplog.text
+    straight = _train_codec(tmp_path, clip_dir, 6, run_dir="straight", extra=extra)
+    a, b = torch.load(straight, weights_only=False)["model"], torch.load(resumed, weights_only=False)["model"]
+    assert all(torch.equal(value, b[name]) for name, value in a.items()), "k-means at a resume gives the same codec"
+
+    def quantisation_error(checkpoint):
+        """Relative distance between what the decoder gets from the tokens and from the continuous latent."""
+        codec = Codec.load(checkpoint)
+        with torch.inference_mode():
+            latent = codec.encoder(codec.mdct(codec.pad(torch.from_numpy(speech)[None])))
+            quantised = codec.quantizer(latent).latent
+            codec.bypass_quantizer(True)
+            continuous = codec.quantizer(latent).latent
+        return ((quantised - continuous).norm() / continuous.norm()).item()
+
+    before, after = quantisation_error(warm), quantisation_error(resumed)
+    assert after < 0.5 * before, f"quantisation error {before:.3f} (random codebook) -> {after:.3f} (k-means)"
