@@ -423,14 +423,15 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         sched_g.load_state_dict(resumed["scheduler_g"])
         sched_d.load_state_dict(resumed["scheduler_d"])
     initial = None
-    centre_output = not resumed and codec.output == "log_mel"  # a fresh log-mel head starts at the data's mean
+    fresh_input = fresh_output = not resumed  # what Codec.init_data_statistics sets: weights not loaded
     if not resumed and args.init_from:
         initial = load_checkpoint(args.init_from, "codec")
         if initial["config"]["codec"]["decoder"].get("output", "mdct") == codec.output:
             load_state_dict_checked(codec, initial["model"], args.init_from)
-            centre_output = False
+            fresh_input = fresh_output = False
         else:  # a new decoder head on trained weights: everything but the output convolution carries over
             fresh = load_matching_weights(codec, initial["model"])
+            fresh_input = False
             if rank == 0:
                 log.info("--init_from %s: its decoder outputs another spectrum; %s start afresh", args.init_from,
                          ", ".join(fresh))
@@ -448,10 +449,10 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"],
                          resumed["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     valid = validation_clean(args, config) if rank == 0 else []
-    if centre_output:
+    if fresh_input or fresh_output:
         codec.eval()
         codec.bypass_quantizer(train_cfg["quantizer_warmup_steps"] > 0)
-        codec.centre_log_mel_output(initialisation_segments(train_set, config, device))
+        codec.init_data_statistics(initialisation_segments(train_set, config, device), fresh_input, fresh_output)
         codec.train()
     if world > 1:
         codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)

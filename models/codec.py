@@ -203,6 +203,10 @@ class Codec(nn.Module):
                             "codec.mdct.hop_length (one mel frame per MDCT frame)")
         if self.input == "log_mel":
             self.analysis_mel = LogMel.from_config(config)
+            # Per-band statistics of the training speech (`init_data_statistics`): the encoder reads a standardised
+            # log-mel, whose raw values (mean about -5, each band's its own) slow early training down.
+            self.register_buffer("analysis_mean", torch.zeros(bins["log_mel"], 1))
+            self.register_buffer("analysis_std", torch.ones(bins["log_mel"], 1))
         if self.output == "log_mel":
             self.griffin_lim = MelGriffinLim.from_config(config)
         self.encoder = Encoder(bins[self.input], enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
@@ -232,7 +236,7 @@ class Codec(nn.Module):
         waveform is left to `synthesise`: a log-mel decoder trains on its spectrum, without Griffin-Lim.
         """
         mdct = self.mdct(wav)
-        quantized = self.quantizer(self.encoder(mdct if self.input == "mdct" else self.analysis_mel(wav)))
+        quantized = self.quantizer(self.encoder(mdct if self.input == "mdct" else self.analyse(wav)))
         return mdct, self.decoder(quantized.latent), quantized
 
     @staticmethod
@@ -258,7 +262,9 @@ class Codec(nn.Module):
 
     def analyse(self, wav: torch.Tensor) -> torch.Tensor:
         """wav (batch, samples), token-aligned -> what the encoder reads (batch, bins, mdct_frames)."""
-        return self.mdct(wav) if self.input == "mdct" else self.analysis_mel(wav)
+        if self.input == "mdct":
+            return self.mdct(wav)
+        return (self.analysis_mel(wav) - self.analysis_mean) / self.analysis_std
 
     def bypass_quantizer(self, bypass: bool) -> None:
         """Quantiser warm-up: the decoder gets the encoder's continuous latent (True) or its quantised tokens."""
@@ -270,17 +276,25 @@ class Codec(nn.Module):
         self.quantizer.kmeans_init(self.encoder(self.analyse(wav)), iterations, torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
-    def centre_log_mel_output(self, wav: torch.Tensor) -> None:
-        """Shift a log-mel decoder's output bias so that its mean spectrum on wav (batch, samples) is the data's.
+    def init_data_statistics(self, wav: torch.Tensor, input_statistics: bool = True, output_bias: bool = True) -> None:
+        """Data-dependent start of a fresh codec, from training speech wav (batch, samples), token-aligned.
 
-        Speech log-mel averages about -5 (per band -8 to -3) while a fresh decoder outputs about 0; with Adam's
-        step of ~learning rate per weight, walking the bias there alone takes thousands of steps.
+        A log-mel encoder input is standardised per band with the data's statistics. A log-mel decoder's output
+        bias is shifted so that its mean spectrum is the data's: speech log-mel averages about -5 (per band -8 to
+        -3) while a fresh decoder outputs about 0, and with Adam's step of ~learning rate per weight, walking the
+        bias there alone takes thousands of steps.
         """
-        if self.output != "log_mel":
+        input_statistics &= self.input == "log_mel"
+        output_bias &= self.output == "log_mel"
+        if not (input_statistics or output_bias):
             return
-        target = LogMel.from_config(self.config).to(wav.device)(wav)
-        decoded = self.decoder(self.quantizer(self.encoder(self.analyse(wav))).latent)
-        self.decoder.conv_out.bias += (target - decoded).mean(dim=(0, 2))
+        log_mel = LogMel.from_config(self.config).to(wav.device)(wav)
+        if input_statistics:
+            self.analysis_mean.copy_(log_mel.mean(dim=(0, 2))[:, None])
+            self.analysis_std.copy_(log_mel.std(dim=(0, 2))[:, None])
+        if output_bias:
+            decoded = self.decoder(self.quantizer(self.encoder(self.analyse(wav))).latent)
+            self.decoder.conv_out.bias += (log_mel - decoded).mean(dim=(0, 2))
 
     # ----------------------------------------------------------------------------------------- inference
     def pad(self, wav: torch.Tensor) -> torch.Tensor:
