@@ -148,10 +148,14 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- schedules
-def lr_lambda_codec(train: dict):
+def lr_lambda_codec(train: dict, max_steps: int):
+    """Warm-up, exponential decay per epoch, and a linear cool-down to zero over the last `cooldown_steps` before
+    `max_steps` (off at 0). The cool-down depends only on where the run stops, so any checkpoint can be cooled down
+    by resuming it with a later --max_steps; resuming a cooled run further restarts the learning rate."""
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / train["warmup_steps"]) if train["warmup_steps"] > 0 else 1.0
-        return warm * train["lr_decay_per_epoch"] ** (step // train["steps_per_epoch"])
+        cool = min(1.0, (max_steps - step) / train["cooldown_steps"]) if train["cooldown_steps"] > 0 else 1.0
+        return warm * max(0.0, cool) * train["lr_decay_per_epoch"] ** (step // train["steps_per_epoch"])
     return factor
 
 
@@ -409,8 +413,8 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
                               weight_decay=train_cfg["weight_decay"])
     opt_d = torch.optim.AdamW(disc.parameters(), train_cfg["learning_rate"], betas=tuple(train_cfg["betas"]),
                               weight_decay=train_cfg["weight_decay"])
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda_codec(train_cfg))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda_codec(train_cfg))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda_codec(train_cfg, max_steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda_codec(train_cfg, max_steps))
     # The discriminator's schedule runs in step with the generator's from step 0, before the discriminator first
     # trains (discriminator_start_step); PyTorch would warn about that on every run.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")

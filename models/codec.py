@@ -291,7 +291,8 @@ class Codec(nn.Module):
         log_mel = LogMel.from_config(self.config).to(wav.device)(wav)
         if input_statistics:
             self.analysis_mean.copy_(log_mel.mean(dim=(0, 2))[:, None])
-            self.analysis_std.copy_(log_mel.std(dim=(0, 2))[:, None])
+            # A band the data never reaches (band-limited speech) sits at the log floor, with no spread at all.
+            self.analysis_std.copy_(log_mel.std(dim=(0, 2)).clamp(min=0.1)[:, None])
         if output_bias:
             decoded = self.decoder(self.quantizer(self.encoder(self.analyse(wav))).latent)
             self.decoder.conv_out.bias += (log_mel - decoded).mean(dim=(0, 2))

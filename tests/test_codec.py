@@ -376,3 +376,18 @@ def test_a_fresh_log_mel_codec_starts_from_the_statistics_of_its_training_speech
         target = LogMel.from_config(codec.config)(wav)
     assert analysis.mean(dim=-1).abs().mean() < 0.3 and (analysis.std(dim=-1) - 1).abs().mean() < 0.3
     assert (decoded.mean() - target.mean()).abs() < 0.5 < target.mean().abs()
+
+
+def test_a_cool_down_brings_the_learning_rate_to_zero_where_the_run_stops(tmp_path, clip_dir):
+    config = json.loads(TINY_CONFIG.read_text())
+    config["codec"]["train"] |= {"cooldown_steps": 6}
+    config["run"] |= {"log_every": 1}
+    path = tmp_path / "cool.json"
+    path.write_text(json.dumps(config))
+    _train_codec(tmp_path, clip_dir, 4, extra=("--config", str(path)))  # stopped early: full rate, as at step 0
+    _train_codec(tmp_path, clip_dir, 10, extra=("--config", str(path)))  # resumed with the cool-down at its end
+    rate = {step: value for step, _, key, value in _log_rows(tmp_path / "run" / "log.csv") if key == "train/lr"}
+    peak = config["codec"]["train"]["learning_rate"]
+    # train/lr at step s is the rate of the next update: peak * (stop - s) / cooldown_steps within the cool-down.
+    assert rate[3] == pytest.approx(peak * 1 / 6, rel=1e-4)  # the first run cooled towards its own stop at 4
+    assert rate[5] == pytest.approx(peak * 5 / 6, rel=1e-4) and rate[10] == 0.0

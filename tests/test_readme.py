@@ -47,6 +47,8 @@ SUBSTITUTIONS = [  # (pattern, replacement), applied in order to each command
     (r"^(\S+) benchmark\.py .*", r"\1 benchmark.py --config configs/tiny.json --seconds 2 --repeats 1 --lengths 2 "
                                 r"--batch_sizes 1 --json benchmark.json"),
     (r"--checkpoint my_paragse\.pt", "--checkpoint pretrained/demo_paragse.pt"),
+    # k-means of 1,024 codes needs more frames than the five example clips have.
+    (r"(mel_vq_oracle\.py .*) --codebooks .*", r"\1 --codebooks 4x16"),
     (r"^make demo$", f"make -o .venv/.installed demo PY={sys.executable} DEMO_ARGS='--output_dir demo_out --no_dnsmos'"),
 ]
 
