@@ -1,13 +1,15 @@
 """G-MDCTCodec: MDCT front end, ConvNeXt-v2 encoder/decoder, and a group (or residual) vector quantiser.
 
 Shapes at the boundary:
-    wav     (batch, samples)            16 kHz
-    mdct    (batch, hop, mdct_frames)   400 frames/s
-    latent  (batch, latent_dim, frames) 50 frames/s
-    tokens  (batch, streams, frames)    int64 in [0, codebook_size)
-    decoded (batch, bins, mdct_frames)  what the decoder outputs (`codec.decoder.output`): MDCT coefficients
-                                        (bins = hop; the paper), or a log-mel spectrogram (bins = n_mels of
-                                        `codec.loss.mel`) that Griffin-Lim turns into a waveform
+    wav      (batch, samples)            16 kHz
+    mdct     (batch, hop, mdct_frames)   400 frames/s
+    analysis (batch, bins, mdct_frames)  what the encoder reads (`codec.encoder.input`): the MDCT (the paper),
+                                         or the log-mel of `codec.loss.mel` standardised per band (`analyse`)
+    latent   (batch, latent_dim, frames) 50 frames/s
+    tokens   (batch, streams, frames)    int64 in [0, codebook_size)
+    decoded  (batch, bins, mdct_frames)  what the decoder outputs (`codec.decoder.output`): MDCT coefficients
+                                         (bins = hop; the paper), or a log-mel spectrogram (bins = n_mels of
+                                         `codec.loss.mel`) that Griffin-Lim turns into a waveform
 """
 from __future__ import annotations
 
