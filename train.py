@@ -453,7 +453,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
     loader = make_loader(train_set, train_cfg["batch_size"] // world, config["data"]["seed"],
                          resumed["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     valid = validation_clean(args, config) if rank == 0 else []
-    if fresh_input or fresh_output:
+    if (fresh_input and codec.input == "log_mel") or (fresh_output and codec.output == "log_mel"):
         codec.eval()
         codec.bypass_quantizer(train_cfg["quantizer_warmup_steps"] > 0)
         codec.init_data_statistics(initialisation_segments(train_set, config, device), fresh_input, fresh_output)
