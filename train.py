@@ -210,18 +210,19 @@ class StopRequest:
 
 
 class ComputeClock:
-    """Compute seconds spent training, carried across resumes: CPU-seconds of this process (all its threads) on
-    CPU, so a busy or paused machine does not inflate the compute-hours axis of the learning curves; wall seconds
-    on GPUs."""
+    """Compute seconds spent training, carried across resumes: on CPU, CPU-seconds of this process (all its
+    threads) times the number of training processes (`torchrun` ranks do equal work), so a busy or paused machine
+    does not inflate the compute-hours axis of the learning curves; wall seconds on GPUs."""
 
-    def __init__(self, device: torch.device, seconds: float = 0.0):
+    def __init__(self, device: torch.device, seconds: float = 0.0, processes: int = 1):
         self._now = time.process_time if device.type == "cpu" else time.time
+        self._scale = processes if device.type == "cpu" else 1
         self.seconds, self._last = seconds, self._now()
 
     def tick(self) -> float:
         """Add the time since the last tick; returns the total in hours."""
         now = self._now()
-        self.seconds += now - self._last
+        self.seconds += (now - self._last) * self._scale
         self._last = now
         return self.seconds / 3600
 
@@ -308,7 +309,7 @@ class TrainingRun:
     """
 
     def __init__(self, args: argparse.Namespace, config: dict, resumed: dict | None, device: torch.device, rank: int,
-                 initial: dict | None = None):
+                 world: int, initial: dict | None = None):
         """`initial`: the --init_from checkpoint of a new run, whose compute time the new run's clock carries on."""
         run = config["run"]
         self.directory, self.rank = Path(args.checkpoint_dir), rank
@@ -321,7 +322,7 @@ class TrainingRun:
         self.log.rewind(self.step)
         self.stop, self.guard = StopRequest(), NonFiniteGuard(run["max_nonfinite_steps"])
         start = resumed or initial or {}
-        self.clock = ComputeClock(device, start.get("compute_seconds", 0.0))
+        self.clock = ComputeClock(device, start.get("compute_seconds", 0.0), world)
 
     def tick(self) -> float:
         """One step done; returns the compute hours so far."""
@@ -472,7 +473,7 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
 
     codec_ddp.train()
     disc_ddp.train()
-    run = TrainingRun(args, config, resumed, device, rank, initial)
+    run = TrainingRun(args, config, resumed, device, rank, world, initial)
     for clean in loader:
         if run.step >= max_steps or run.stop.requested:
             break
@@ -666,7 +667,7 @@ def train_enhancer(args: argparse.Namespace, config: dict, rank: int, world: int
                                                            "scheduler": scheduler.state_dict()}
 
     ddp.train()
-    run = TrainingRun(args, config, resumed, device, rank, initial)
+    run = TrainingRun(args, config, resumed, device, rank, world, initial)
     for degraded, clean in loader:
         if run.step >= max_steps or run.stop.requested:
             break

@@ -14,7 +14,7 @@ ENHANCERS = {ParaGSE.kind: ParaGSE, SerialEnhancer.kind: SerialEnhancer}
 
 
 def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec]:
-    """(token predictor, codec) from one enhancer checkpoint, which carries its codec."""
+    """(token predictor, codec) from one enhancer checkpoint, which carries its codec or names its file."""
     payload = load_checkpoint(path, tuple(ENHANCERS))
     codec = Codec.from_payload(payload["codec"], path)
     return ENHANCERS[payload["kind"]].from_payload(payload, codec, path), codec

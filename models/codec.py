@@ -13,6 +13,9 @@ Shapes at the boundary:
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +28,9 @@ from models.losses import LogMel
 from models.mdct import MDCT
 from models.quantizers import QuantizerOutput, build_quantizer, set_bypass
 from utils import UserError, load_checkpoint, load_state_dict_checked, padded_length, save_checkpoint, validate_config
+
+# The config sections that decide the tokens; an enhancer stays valid for any codec that shares them and the weights.
+TOKENIZER_SECTIONS = ("mdct", "encoder", "quantizer")
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -243,9 +249,10 @@ class Codec(nn.Module):
 
     @staticmethod
     def is_tokenizer_weight(name: str) -> bool:
-        """Whether the state-dict entry `name` decides the tokens (encoder, quantisers' input projections, codebooks)."""
-        return name.startswith("encoder.") or (name.startswith("quantizer.")
-                                               and (".in_proj." in name or ".codebook." in name))
+        """Whether the state-dict entry `name` decides the tokens (the log-mel input's statistics, encoder,
+        quantisers' input projections, codebooks)."""
+        return name.startswith(("encoder.", "analysis_")) or (name.startswith("quantizer.")
+                                                              and (".in_proj." in name or ".codebook." in name))
 
     def tokenizer_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if self.is_tokenizer_weight(name)]
@@ -338,8 +345,37 @@ class Codec(nn.Module):
     def save(self, path: str | Path) -> None:
         save_checkpoint(path, self.checkpoint_payload())
 
+    @staticmethod
+    def tokenizer_digest(payload: dict) -> str:
+        """A fingerprint of what decides the tokens (tokenizer config and weights, as float32): two codecs with
+        the same digest give the same tokens, whatever their decoders."""
+        digest = hashlib.sha256()
+        codec_config = payload["config"]["codec"]
+        digest.update(json.dumps({k: codec_config[k] for k in TOKENIZER_SECTIONS}, sort_keys=True).encode())
+        for key in sorted(filter(Codec.is_tokenizer_weight, payload["model"])):
+            digest.update(key.encode())
+            digest.update(payload["model"][key].detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    @classmethod
+    def reference_payload(cls, codec_path: Path, enhancer_path: Path) -> dict:
+        """What an enhancer checkpoint at `enhancer_path` stores to name (not carry) the codec at `codec_path`."""
+        codec_payload = load_checkpoint(codec_path, "codec")
+        relative = os.path.relpath(Path(codec_path).resolve(), Path(enhancer_path).resolve().parent)
+        return {"kind": "codec_reference", "file": Path(relative).as_posix(),
+                "tokenizer_sha256": cls.tokenizer_digest(codec_payload)}
+
     @classmethod
     def from_payload(cls, payload: dict, source: str | Path) -> "Codec":
+        """A codec from its payload, or from the file a codec reference names (relative to `source`'s folder)."""
+        if payload.get("kind") == "codec_reference":
+            path = Path(source).parent / payload["file"]
+            if not path.is_file():
+                raise UserError(f"{source}: its codec {path} is missing (the enhancer names it instead of carrying it)")
+            payload_named = load_checkpoint(path, "codec")
+            if cls.tokenizer_digest(payload_named) != payload["tokenizer_sha256"]:
+                raise UserError(f"{source}: its codec {path} gives other tokens than the codec it was trained on")
+            payload, source = payload_named, path
         codec = cls.from_config(payload["config"])
         load_state_dict_checked(codec, payload["model"], source)
         return codec.eval()

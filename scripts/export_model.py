@@ -4,6 +4,8 @@
 
 `--codec CODEC.pt` makes an enhancer carry a later codec than the one it was trained with, provided the later one
 tokenises identically: a decoder fine-tuned after `codec.train.freeze_tokenizer_step` (checked weight by weight).
+`--name_codec CODEC.pt` makes it name that codec instead of carrying it (a path relative to the output's folder and a
+fingerprint of the tokenizer, checked at every load), so an enhancer and a codec shipped together store the codec once.
 
 The result loads with `Codec.load` / `models.load_enhancer` like any checkpoint (float16 weights are cast back to
 float32 on load); it keeps the step and compute hours for the model card.
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.codec import Codec  # noqa: E402
+from models.codec import TOKENIZER_SECTIONS, Codec  # noqa: E402
 from utils import UserError, load_checkpoint, save_checkpoint  # noqa: E402
 
 KEEP = ("kind", "config", "model", "step", "compute_seconds")
@@ -30,26 +32,28 @@ def slim(payload: dict, half: bool) -> dict:
 
     out = {key: payload[key] for key in KEEP if key in payload}
     out["model"] = cast(payload["model"])
-    if "codec" in payload:  # an enhancer's codec: weights and config only
+    if "codec" in payload and payload["codec"]["kind"] == "codec":  # a carried codec: weights and config only
         out["codec"] = {key: payload["codec"][key] for key in ("kind", "config", "model")}
         out["codec"]["model"] = cast(payload["codec"]["model"])
+    elif "codec" in payload:  # a named codec
+        out["codec"] = payload["codec"]
     return out
 
 
-def replace_codec(payload: dict, codec_path: Path) -> dict:
-    """The enhancer `payload` carrying the codec at `codec_path`, if both codecs give the same tokens."""
-    if "codec" not in payload:
-        raise UserError("--codec applies to enhancer checkpoints, which carry a codec")
+def same_tokens_codec(payload: dict, codec_path: Path) -> dict:
+    """The codec at `codec_path`, if it gives the same tokens as the codec the enhancer `payload` carries."""
+    if "codec" not in payload or payload["codec"].get("kind") != "codec":
+        raise UserError("--codec and --name_codec apply to enhancer checkpoints that carry their codec")
     newer = load_checkpoint(codec_path, ("codec",))
     old_config, new_config = payload["codec"]["config"]["codec"], newer["config"]["codec"]
-    for section in ("mdct", "encoder", "quantizer"):
+    for section in TOKENIZER_SECTIONS:
         if old_config[section] != new_config[section]:
             raise UserError(f"{codec_path}: codec.{section} differs from the enhancer's codec, so its tokens differ")
     for key in sorted(filter(Codec.is_tokenizer_weight, payload["codec"]["model"])):
         if not torch.equal(payload["codec"]["model"][key].float(), newer["model"][key].float()):
             raise UserError(f"{codec_path}: weight {key} differs from the enhancer's codec, so its tokens differ "
                             "(fine-tune with codec.train.freeze_tokenizer_step to keep them)")
-    return payload | {"codec": newer}
+    return newer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("output", type=Path)
     p.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
-    p.add_argument("--codec", type=Path, help="carry this codec (same tokens, later decoder) instead of the enhancer's")
+    codec_choice = p.add_mutually_exclusive_group()
+    codec_choice.add_argument("--codec", type=Path,
+                              help="carry this codec (same tokens, later decoder) instead of the enhancer's")
+    codec_choice.add_argument("--name_codec", type=Path,
+                              help="name this codec (same tokens) instead of carrying one: it must stay beside the output")
     args = p.parse_args(argv)
     try:
         payload = load_checkpoint(args.checkpoint)
         if args.codec:
-            payload = replace_codec(payload, args.codec)
+            payload = payload | {"codec": same_tokens_codec(payload, args.codec)}
+        elif args.name_codec:
+            same_tokens_codec(payload, args.name_codec)
+            payload = payload | {"codec": Codec.reference_payload(args.name_codec, args.output)}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

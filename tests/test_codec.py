@@ -265,6 +265,28 @@ def test_frozen_tokenizer_keeps_tokens_while_the_decoder_trains_and_enhancers_ca
     assert "differs from the enhancer's codec" in capsys.readouterr().err
     assert not (tmp_path / "refused.pt").exists()
 
+    # Naming instead of carrying: the shipped pair stores the codec once, and a load checks it still fits.
+    from models import load_enhancer
+    from utils import UserError
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(later, shipped / "codec.pt")
+    assert export_model.main([str(enhancer), str(shipped / "enhancer.pt"), "--half",
+                              "--name_codec", str(shipped / "codec.pt")]) == 0
+    assert (shipped / "enhancer.pt").stat().st_size < (tmp_path / "swapped.pt").stat().st_size
+    moved = tmp_path / "moved"
+    shutil.copytree(shipped, moved)  # the reference is relative: the pair can move together
+    _, named = load_enhancer(moved / "enhancer.pt")
+    assert torch.equal(named.decoder.conv_out.parametrizations.weight.original1,
+                       after.decoder.conv_out.parametrizations.weight.original1)
+    shutil.copy(drifted, moved / "codec.pt")
+    with pytest.raises(UserError, match="gives other tokens"):
+        load_enhancer(moved / "enhancer.pt")
+    (moved / "codec.pt").unlink()
+    with pytest.raises(UserError, match="codec.pt is missing"):
+        load_enhancer(moved / "enhancer.pt")
+
 
 def test_griffin_lim_recovers_intelligible_speech_from_an_exact_log_mel(speech):
     from pystoi import stoi
