@@ -200,3 +200,20 @@ def test_init_from_carries_trained_weights_onto_a_new_codec(tmp_path, speech, ca
     wrong = common + ["--codec", str(codec), "--checkpoint_dir", str(tmp_path / "c"), "--init_from", str(codec)]
     assert train.main(wrong) == 2
     assert "codec_gvq.pt" in capsys.readouterr().err
+
+
+def test_shipped_demo_model_is_one_enhancer_that_names_its_codec_within_25_mb(speech):
+    """The demo pair a fresh clone runs: the enhancer names the codec beside it, together at most 25 MB."""
+    enhancer_path, codec_path = REPO / "pretrained" / "demo_paragse.pt", REPO / "pretrained" / "demo_codec.pt"
+    assert enhancer_path.stat().st_size + codec_path.stat().st_size <= 25_000_000
+    reference = torch.load(enhancer_path, map_location="cpu", weights_only=False)["codec"]
+    assert reference["kind"] == "codec_reference" and reference["file"] == codec_path.name
+    predictor, codec = load_enhancer(enhancer_path)
+    shipped_codec = Codec.load(codec_path)
+    wav = torch.from_numpy(speech)[None]
+    with torch.inference_mode():
+        padded = codec.pad(wav)
+        degraded_tokens = codec.encode(padded)
+        assert torch.equal(degraded_tokens, shipped_codec.encode(padded))
+        tokens = predictor.predict_tokens(padded, degraded_tokens)
+    assert tokens.shape == degraded_tokens.shape and tokens.shape[1] == codec.num_streams
