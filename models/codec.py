@@ -358,9 +358,9 @@ class Codec(nn.Module):
         return digest.hexdigest()
 
     @classmethod
-    def reference_payload(cls, codec_path: Path, enhancer_path: Path) -> dict:
-        """What an enhancer checkpoint at `enhancer_path` stores to name (not carry) the codec at `codec_path`."""
-        codec_payload = load_checkpoint(codec_path, "codec")
+    def reference_payload(cls, codec_payload: dict, codec_path: Path, enhancer_path: Path) -> dict:
+        """What an enhancer checkpoint at `enhancer_path` stores to name (not carry) the codec `codec_payload`, read
+        from `codec_path`."""
         relative = os.path.relpath(Path(codec_path).resolve(), Path(enhancer_path).resolve().parent)
         return {"kind": "codec_reference", "file": Path(relative).as_posix(),
                 "tokenizer_sha256": cls.tokenizer_digest(codec_payload)}

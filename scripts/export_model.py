@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.codec:
             payload = payload | {"codec": same_tokens_codec(payload, args.codec)}
         elif args.name_codec:
-            same_tokens_codec(payload, args.name_codec)
-            payload = payload | {"codec": Codec.reference_payload(args.name_codec, args.output)}
+            named = same_tokens_codec(payload, args.name_codec)
+            payload = payload | {"codec": Codec.reference_payload(named, args.name_codec, args.output)}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
