@@ -459,6 +459,11 @@ def train_codec(args: argparse.Namespace, config: dict, rank: int, world: int, d
         codec.bypass_quantizer(train_cfg["quantizer_warmup_steps"] > 0)
         codec.init_data_statistics(initialisation_segments(train_set, config, device), fresh_input, fresh_output)
         codec.train()
+    if codec.fixed_encoder and fresh_input:  # its latents are final from the start, so are its codebooks
+        init_codebooks(codec, train_set, config, device, world)
+        if rank == 0:
+            log.info("codebooks set by k-means on the fixed encoder's latents of %d training segments",
+                     train_cfg["init_segments"])
     if world > 1:
         codec_ddp = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None)
         disc_ddp = DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)

@@ -5,7 +5,8 @@ Shapes at the boundary:
     mdct     (batch, hop, mdct_frames)   400 frames/s
     analysis (batch, bins, mdct_frames)  what the encoder reads (`codec.encoder.input`): the MDCT (the paper),
                                          or the log-mel of `codec.loss.mel` standardised per band (`analyse`)
-    latent   (batch, latent_dim, frames) 50 frames/s
+    latent   (batch, latent_dim, frames) 50 frames/s: a learned ConvNeXt encoder's output (`codec.encoder.kind`
+                                         "convnext"), or the analysis averaged over each token frame ("frame_mean")
     tokens   (batch, streams, frames)    int64 in [0, codebook_size)
     decoded  (batch, bins, mdct_frames)  what the decoder outputs (`codec.decoder.output`): MDCT coefficients
                                          (bins = hop; the paper), or a log-mel spectrogram (bins = n_mels of
@@ -157,6 +158,22 @@ class Encoder(nn.Module):
         return self.conv_out(x)
 
 
+class FrameMeanEncoder(nn.Module):
+    """Analysis (batch, bins, mdct_frames) -> its mean over each token frame (batch, bins, mdct_frames / downsample).
+
+    No weights: with a split VQ whose codebooks k-means fits (`codec.quantizer.projection: false`), the tokens are
+    fixed before any training, and on held-out speech they carry more than a learned encoder trained for a CPU-hour
+    (MODEL_CARD.md).
+    """
+
+    def __init__(self, downsample: int):
+        super().__init__()
+        self.downsample = downsample
+
+    def forward(self, analysis: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool1d(analysis, self.downsample)
+
+
 class Decoder(nn.Module):
     """Latent (batch, latent_dim, frames) -> spectrum (batch, output_bins, frames * upsample).
 
@@ -185,6 +202,7 @@ class Decoder(nn.Module):
 
 
 SPECTRA = ("mdct", "log_mel")  # what the encoder may read and the decoder may write
+ENCODERS = ("convnext", "frame_mean")
 
 
 class Codec(nn.Module):
@@ -217,12 +235,31 @@ class Codec(nn.Module):
             self.register_buffer("analysis_std", torch.ones(bins["log_mel"], 1))
         if self.output == "log_mel":
             self.griffin_lim = MelGriffinLim.from_config(config)
-        self.encoder = Encoder(bins[self.input], enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
-                               enc["kernel_size"], enc["downsample"], enc["latent_dim"], enc["latent_rate_trunk"])
+        if enc["kind"] not in ENCODERS:
+            raise UserError(f"codec.encoder.kind must be one of {', '.join(ENCODERS)}, not {enc['kind']!r}")
+        self.fixed_encoder = enc["kind"] == "frame_mean"
+        # The decoder's skip adds the frame means, interpolated back to the MDCT rate, to its output: it starts from
+        # the split VQ's own reconstruction and learns only what interpolation misses.
+        self.decoder_skip = dec["skip"]
+        if self.fixed_encoder and (self.input != "log_mel" or enc["latent_dim"] != bins["log_mel"]
+                                   or c["quantizer"]["projection"]):
+            raise UserError("codec.encoder.kind 'frame_mean' needs codec.encoder.input 'log_mel', "
+                            "codec.encoder.latent_dim == codec.loss.mel.n_mels and codec.quantizer.projection false")
+        if self.decoder_skip and not (self.fixed_encoder and self.output == "log_mel"):
+            raise UserError("codec.decoder.skip needs codec.encoder.kind 'frame_mean' and codec.decoder.output "
+                            "'log_mel' (it adds the decoded frame means to the log-mel)")
+        if self.fixed_encoder:
+            self.encoder = FrameMeanEncoder(enc["downsample"])
+        else:
+            self.encoder = Encoder(bins[self.input], enc["dim"], enc["intermediate_dim"], enc["num_blocks"],
+                                   enc["kernel_size"], enc["downsample"], enc["latent_dim"], enc["latent_rate_trunk"])
         self.quantizer = build_quantizer(enc["latent_dim"], c["quantizer"])
         self.decoder = Decoder(enc["latent_dim"], dec["dim"], dec["intermediate_dim"], dec["num_blocks"],
                                dec["kernel_size"], enc["downsample"], dec["upsample_kernel"], bins[self.output],
                                dec["latent_rate_trunk"])
+        if self.decoder_skip:  # the residual starts at zero: the first output is the skip's, not noise on it
+            self.decoder.conv_out.parametrizations.weight.original0.data.zero_()
+            self.decoder.conv_out.bias.data.zero_()
 
     @property
     def num_streams(self) -> int:
@@ -245,7 +282,15 @@ class Codec(nn.Module):
         """
         mdct = self.mdct(wav)
         quantized = self.quantizer(self.encoder(mdct if self.input == "mdct" else self.analyse(wav)))
-        return mdct, self.decoder(quantized.latent), quantized
+        return mdct, self.decode_latent(quantized.latent), quantized
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Quantised latent (batch, latent_dim, frames) -> decoded spectrum (batch, bins, mdct_frames)."""
+        decoded = self.decoder(latent)
+        if self.decoder_skip:
+            means = latent * self.analysis_std + self.analysis_mean  # back from the standardised log-mel
+            decoded = decoded + F.interpolate(means, size=decoded.shape[-1], mode="linear", align_corners=False)
+        return decoded
 
     @staticmethod
     def is_tokenizer_weight(name: str) -> bool:
@@ -282,7 +327,8 @@ class Codec(nn.Module):
     @torch.no_grad()
     def init_codebooks(self, wav: torch.Tensor, iterations: int, seed: int) -> None:
         """Codebooks by k-means on the encoder's latents of wav (batch, samples), a token-aligned length."""
-        self.quantizer.kmeans_init(self.encoder(self.analyse(wav)), iterations, torch.Generator().manual_seed(seed))
+        latent = torch.cat([self.encoder(self.analyse(chunk)) for chunk in wav.split(256)])
+        self.quantizer.kmeans_init(latent, iterations, torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
     def init_data_statistics(self, wav: torch.Tensor, input_statistics: bool = True, output_bias: bool = True) -> None:
@@ -294,16 +340,16 @@ class Codec(nn.Module):
         bias there alone takes thousands of steps.
         """
         input_statistics &= self.input == "log_mel"
-        output_bias &= self.output == "log_mel"
+        output_bias &= self.output == "log_mel" and not self.decoder_skip  # the skip already gives the mean
         if not (input_statistics or output_bias):
             return
-        log_mel = LogMel.from_config(self.config).to(wav.device)(wav)
+        log_mel = torch.cat([LogMel.from_config(self.config).to(wav.device)(chunk) for chunk in wav.split(256)])
         if input_statistics:
             self.analysis_mean.copy_(log_mel.mean(dim=(0, 2))[:, None])
             # A band the data never reaches (band-limited speech) sits at the log floor, with no spread at all.
             self.analysis_std.copy_(log_mel.std(dim=(0, 2)).clamp(min=0.1)[:, None])
         if output_bias:
-            decoded = self.decoder(self.quantizer(self.encoder(self.analyse(wav))).latent)
+            decoded = self.decode_latent(self.quantizer(self.encoder(self.analyse(wav))).latent)
             self.decoder.conv_out.bias += (log_mel - decoded).mean(dim=(0, 2))
 
     # ----------------------------------------------------------------------------------------- inference
@@ -322,7 +368,7 @@ class Codec(nn.Module):
 
     def decode_spectrum(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, streams, frames) -> decoded spectrum (batch, bins, mdct_frames), before synthesis."""
-        return self.decoder(self.tokens_to_latent(tokens))
+        return self.decode_latent(self.tokens_to_latent(tokens))
 
     def synthesise(self, decoded: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """Decoded spectrum (batch, bins, mdct_frames) -> wav (batch, length or the token-aligned length)."""

@@ -1,8 +1,10 @@
 """Vector quantisers for the codec latent: group VQ (independent streams) and residual VQ (serial streams).
 
 Both map a latent (batch, latent_dim, frames) to tokens (batch, streams, frames) and back, so the codec and the
-enhancers treat them alike. Look-up is by cosine similarity (L2-normalised latent against L2-normalised codes),
-which keeps all codes in play far better than raw Euclidean look-up when a codec is trained briefly.
+enhancers treat them alike. With projections (the default), look-up is by cosine similarity (L2-normalised
+projected latent against L2-normalised codes), which keeps all codes in play far better than raw Euclidean look-up
+when a codec is trained briefly. Without (`codec.quantizer.projection: false`), the codes live in the latent's own
+space and look-up is by Euclidean distance: a plain split VQ, for a fixed encoder whose codebooks k-means sets.
 """
 from __future__ import annotations
 
@@ -39,10 +41,15 @@ class VectorQuantizer(nn.Module):
     bypass = False
 
     def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int, dead_code_threshold: float = 0.0,
-                 usage_decay: float = 0.99):
+                 usage_decay: float = 0.99, projection: bool = True):
         super().__init__()
-        self.in_proj = weight_norm(nn.Conv1d(input_dim, codebook_dim, 1))
-        self.out_proj = weight_norm(nn.Conv1d(codebook_dim, input_dim, 1))
+        self.projection = projection
+        if projection:
+            self.in_proj = weight_norm(nn.Conv1d(input_dim, codebook_dim, 1))
+            self.out_proj = weight_norm(nn.Conv1d(codebook_dim, input_dim, 1))
+        else:
+            self.in_proj, self.out_proj = nn.Identity(), nn.Identity()
+            codebook_dim = input_dim
         self.codebook = nn.Embedding(codebook_size, codebook_dim)
         self.dead_code_threshold, self.usage_decay = dead_code_threshold, usage_decay
         self.register_buffer("usage", torch.ones(codebook_size))
@@ -90,15 +97,19 @@ class VectorQuantizer(nn.Module):
         members, so every code starts in use.
         """
         vectors = self.in_proj(x).transpose(1, 2).reshape(-1, self.codebook.weight.shape[1]).float()
-        unit = F.normalize(vectors, dim=-1)
         size = self.codebook.weight.shape[0]
 
         def picks(count: int) -> torch.Tensor:
             return torch.randint(vectors.shape[0], (count,), generator=generator).to(vectors.device)
 
+        def assign_all(centres: torch.Tensor) -> torch.Tensor:
+            # In chunks: a (vectors x codes) matrix of hundreds of MB, allocated afresh in every iteration, costs
+            # more in page faults than in arithmetic.
+            return torch.cat([self.assign(chunk, centres) for chunk in vectors.split(4096)])
+
         centres = vectors[picks(size)]
         for _ in range(iterations):
-            members = torch.matmul(unit, F.normalize(centres, dim=-1).t()).argmax(dim=-1)
+            members = assign_all(centres)
             counts = torch.bincount(members, minlength=size).float()
             sums = torch.zeros_like(centres).index_add_(0, members, vectors)
             empty = counts == 0
@@ -108,10 +119,16 @@ class VectorQuantizer(nn.Module):
         self.usage.fill_(1.0)
         return self.decode(self.nearest(self.in_proj(x)))
 
+    def assign(self, vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """vectors (..., codebook_dim), codes (codebook_size, codebook_dim) -> index of the nearest code (...)."""
+        if self.projection:
+            return torch.matmul(F.normalize(vectors, dim=-1), F.normalize(codes, dim=-1).t()).argmax(dim=-1)
+        # argmin |v - c|^2 = argmax (2 v.c - |c|^2); |v|^2 is the same for every code.
+        return (2 * torch.matmul(vectors, codes.t()) - codes.pow(2).sum(dim=-1)).argmax(dim=-1)
+
     def nearest(self, projected: torch.Tensor) -> torch.Tensor:
-        latent = F.normalize(projected.transpose(1, 2), dim=-1)  # (batch, frames, codebook_dim)
-        codebook = F.normalize(self.codebook.weight, dim=-1)
-        return torch.matmul(latent, codebook.t()).argmax(dim=-1)
+        """projected (batch, codebook_dim, frames) -> tokens (batch, frames)."""
+        return self.assign(projected.transpose(1, 2), self.codebook.weight)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, frames) -> (batch, input_dim, frames)."""
@@ -121,7 +138,8 @@ class VectorQuantizer(nn.Module):
 class GroupVectorQuantizer(nn.Module):
     """Split the latent into `num_groups` channel groups, each with its own VQ: token n sees only group n."""
 
-    def __init__(self, latent_dim: int, num_groups: int, codebook_size: int, codebook_dim: int, **restart: float):
+    def __init__(self, latent_dim: int, num_groups: int, codebook_size: int, codebook_dim: int, **options):
+        """options: `VectorQuantizer`'s dead_code_threshold, usage_decay and projection."""
         super().__init__()
         if latent_dim % num_groups:
             raise UserError(f"latent_dim {latent_dim} is not divisible by num_groups {num_groups}")
@@ -129,7 +147,7 @@ class GroupVectorQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.group_dim = latent_dim // num_groups
         self.quantizers = nn.ModuleList(
-            VectorQuantizer(self.group_dim, codebook_size, codebook_dim, **restart) for _ in range(num_groups)
+            VectorQuantizer(self.group_dim, codebook_size, codebook_dim, **options) for _ in range(num_groups)
         )
 
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
@@ -160,13 +178,13 @@ class GroupVectorQuantizer(nn.Module):
 class ResidualVectorQuantizer(nn.Module):
     """Quantise the whole latent, then each residual in turn: stream k refines streams < k (serial)."""
 
-    def __init__(self, latent_dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int,
-                 **restart: float):
+    def __init__(self, latent_dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int, **options):
+        """options: `VectorQuantizer`'s dead_code_threshold, usage_decay and projection."""
         super().__init__()
         self.num_streams = num_quantizers
         self.codebook_size = codebook_size
         self.quantizers = nn.ModuleList(
-            VectorQuantizer(latent_dim, codebook_size, codebook_dim, **restart) for _ in range(num_quantizers)
+            VectorQuantizer(latent_dim, codebook_size, codebook_dim, **options) for _ in range(num_quantizers)
         )
 
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
@@ -213,4 +231,5 @@ def build_quantizer(latent_dim: int, config: dict) -> GroupVectorQuantizer | Res
     if config["type"] not in kinds:
         raise UserError(f"codec.quantizer.type must be 'gvq' or 'rvq', got '{config['type']}'")
     return kinds[config["type"]](latent_dim, config["num_groups"], config["codebook_size"], config["codebook_dim"],
-                                 dead_code_threshold=config["dead_code_threshold"], usage_decay=config["usage_decay"])
+                                 dead_code_threshold=config["dead_code_threshold"], usage_decay=config["usage_decay"],
+                                 projection=config["projection"])

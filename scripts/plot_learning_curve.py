@@ -5,7 +5,11 @@
         --more training/demo_decoder/log.csv --labels "codec" "decoder fine-tuning"
 
 Several logs share the axes: a run started with --init_from carries its parent's compute hours, so it continues
-the curve from the point it branched off.
+the curve from the point it branched off. Scores of the held-out test split, logged at checkpoints by
+`scripts/codec_copy_synthesis.py --log_csv` (keys test/...), are drawn dashed beside the validation split's:
+
+    python scripts/plot_learning_curve.py training/demo_split_vq_codec/log.csv figures/demo_codec_learning_curve.png \
+        --more training/demo_split_vq_codec/test_log.csv --labels "split-VQ codec" "split-VQ codec"
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-PANELS = [("valid/pesq", "PESQ (wide-band)"), ("valid/estoi", "ESTOI"), ("valid/dnsmos_ovrl", "DNSMOS OVRL"),
-          ("valid/mel_l1", "log-mel L1"), ("valid/mdct_correlation_below_1khz", "MDCT correlation < 1 kHz (phase)"),
-          ("valid/accuracy", "token accuracy")]
+PANELS = [("pesq", "PESQ (wide-band)"), ("estoi", "ESTOI"), ("dnsmos_ovrl", "DNSMOS OVRL"),
+          ("mel_l1", "log-mel L1"), ("mdct_correlation_below_1khz", "MDCT correlation < 1 kHz (phase)"),
+          ("accuracy", "token accuracy")]
+SPLITS = {"valid": ("valid split", "-", "o"), "test": ("held-out test split", "--", "s")}  # label, line, marker
 
 
 def read_log(path: Path) -> dict[str, list[tuple[float, int, float]]]:
@@ -34,26 +39,30 @@ def read_log(path: Path) -> dict[str, list[tuple[float, int, float]]]:
 
 def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
     """runs: [(label, series of read_log)], drawn over each other."""
-    panels = [(key, label) for key, label in PANELS if any(series.get(key) for _, series in runs)]
+    panels = [(metric, label) for metric, label in PANELS
+              if any(series.get(f"{split}/{metric}") for _, series in runs for split in SPLITS)]
     if not panels:
-        raise SystemExit("error: the logs have no validation scores yet (valid/... keys)")
+        raise SystemExit("error: the logs have no validation or test scores yet (valid/... or test/... keys)")
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.6 * columns, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    for i, (key, label) in enumerate(panels):
+    splits_drawn = {split for _, series in runs for split in SPLITS if any(k.startswith(f"{split}/") for k in series)}
+    for i, (metric, label) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
         for run_label, series in runs:
-            if not series.get(key):
-                continue
-            hours, steps, values = zip(*series[key])
-            ax.plot(hours, values, marker="o", markersize=3, label=run_label)
-            ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
-                        xytext=(-10, 8), textcoords="offset points", ha="right")
+            for split, (split_label, line, marker) in SPLITS.items():
+                if not series.get(f"{split}/{metric}"):
+                    continue
+                hours, steps, values = zip(*series[f"{split}/{metric}"])
+                ax.plot(hours, values, line, marker=marker, markersize=3,
+                        label=f"{run_label}, {split_label}" if len(splits_drawn) > 1 else run_label)
+                ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
+                            xytext=(-10, 8), textcoords="offset points", ha="right")
         ax.set_xlabel("compute hours (CPU core-hours)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        if len(runs) > 1 and i == 0:
+        if (len(runs) > 1 or len(splits_drawn) > 1) and i == 0:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -414,3 +414,57 @@ def test_a_cool_down_brings_the_learning_rate_to_zero_where_the_run_stops(tmp_pa
     # train/lr at step s is the rate of the next update: peak * (stop - s) / cooldown_steps within the cool-down.
     assert rate[3] == pytest.approx(peak * 1 / 6, rel=1e-4)  # the first run cooled towards its own stop at 4
     assert rate[5] == pytest.approx(peak * 5 / 6, rel=1e-4) and rate[10] == 0.0
+
+
+def _split_vq_config(tmp_path, **overrides):
+    """The tiny codec with the demo codec's tokenizer: frame means of the log-mel, split VQ fitted by k-means."""
+    config = json.loads(_log_mel_config(tmp_path, init_segments=32, kmeans_iterations=10).read_text())
+    config["codec"]["encoder"] |= {"input": "log_mel", "kind": "frame_mean", "latent_dim": 80}
+    config["codec"]["decoder"] |= {"skip": True, "latent_rate_trunk": True}
+    config["codec"]["quantizer"] = {"num_groups": 16, "codebook_size": 64, "projection": False} | overrides
+    path = tmp_path / "split_vq.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_split_vq_codec_reconstructs_speech_before_training_and_training_keeps_its_tokens(
+        tmp_path, clip_dir, speech, caplog):
+    import shutil
+
+    from pystoi import stoi
+
+    config = ("--config", str(_split_vq_config(tmp_path)))
+    with caplog.at_level("INFO", logger="train"):
+        start = shutil.copy(_train_codec(tmp_path, clip_dir, 0, extra=config), tmp_path / "step0.pt")
+    assert "codebooks set by k-means on the fixed encoder's latents" in caplog.text
+    wav = torch.from_numpy(speech)[None]
+    fresh = Codec.load(start)
+    with torch.inference_mode():
+        tokens = fresh.encode(wav)
+        score = stoi(speech, fresh.decode(tokens, wav.shape[-1])[0].numpy(), 16000, extended=True)
+        assert score > 0.75
+        # Token n reads only band group n: changing the top bands' frame means changes only the last stream.
+        frames = fresh.encoder(fresh.analyse(fresh.pad(wav)))
+        frames[:, -5:] += 3.0
+        changed = fresh.quantizer(frames).tokens != tokens
+    assert changed[:, -1].any() and not changed[:, :-1].any()
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="train"):
+        trained = Codec.load(_train_codec(tmp_path, clip_dir, 6, extra=config))  # resumes: k-means never again
+        moved_on = Codec.load(_train_codec(tmp_path, clip_dir, 2, run_dir="init_from",
+                                           extra=(*config, "--init_from", str(start))))
+    assert "k-means" not in caplog.text
+    with torch.inference_mode():
+        assert torch.equal(trained.encode(wav), tokens) and torch.equal(moved_on.encode(wav), tokens)
+    assert Codec.tokenizer_digest(trained.checkpoint_payload()) == Codec.tokenizer_digest(fresh.checkpoint_payload())
+    assert not torch.equal(trained.decoder.conv_out.parametrizations.weight.original0,
+                           fresh.decoder.conv_out.parametrizations.weight.original0)
+
+
+def test_a_split_vq_codec_with_projections_is_refused_by_name(tmp_path, clip_dir, capsys):
+    assert train.main(["--stage", "codec", "--config", str(_split_vq_config(tmp_path, projection=True)),
+                       "--checkpoint_dir", str(tmp_path / "run"), "--train_dir", str(clip_dir), "--max_steps", "1",
+                       "--device", "cpu"]) == 2
+    assert "codec.quantizer.projection false" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))

@@ -7,6 +7,7 @@ of corpora the test machine does not have). Training commands must leave a check
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -37,6 +38,9 @@ SUBSTITUTIONS = [  # (pattern, replacement), applied in order to each command
     # The paper configuration trains at ~13 CPU-s a step; the tiny one keeps every code path.
     (r"--config config\.json", "--config configs/tiny.json"),
     (r"--config configs/rvq\.json", "--config tiny_rvq.json"),
+    # k-means of 16 x 1,024 codes on 4,096 segments takes minutes; the stand-in fits 64 codes on 64 segments.
+    (r"--config configs/demo_split_vq_codec\.json", "--config small_split_vq.json"),
+    (r"^git show \S+:(\S+) > ", r"cp \1 "),  # the scratch folder is no git clone; the file stands in for its past
     (r"checkpoint_00700000\.pt", f"checkpoint_{TRAINING_STEPS:08d}.pt"),
     (r"--train_degraded_dir \.\.\. --train_clean_dir \.\.\.",
      "--train_degraded_dir vb16k/noisy_trainset_28spk_wav --train_clean_dir vb16k/clean_trainset_28spk_wav"),
@@ -131,6 +135,9 @@ def workspace(tmp_path_factory) -> Path:
             rir = np.exp(-np.arange(4000) / 800.0) * rng.standard_normal(4000)
             sf.write(root / "data/corpus/rir" / split / f"rir_{i}.wav", (rir / np.abs(rir).max()).astype(np.float32),
                      16000)
+    (root / "small_split_vq.json").write_text(json.dumps({
+        "base": str(REPO / "configs" / "demo_split_vq_codec.json"),
+        "codec": {"quantizer": {"codebook_size": 64}, "train": {"init_segments": 64, "kmeans_iterations": 5}}}))
     (root / "tiny_rvq.json").write_text(
         (REPO / "configs" / "tiny.json").read_text().replace('"codec": {', '"codec": {\n    "quantizer": {"type": "rvq"},', 1))
     return root
