@@ -40,6 +40,7 @@ from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audi
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
+DECODINGS = ("argmax", "expected")  # how predicted token distributions become a waveform (Enhancer)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit systems
@@ -80,10 +81,21 @@ class Enhancer:
     """
 
     def __init__(self, codec: Codec, predictor: torch.nn.Module | None, device: torch.device,
-                 window_seconds: float, overlap_seconds: float, batch_size: int = 1):
+                 window_seconds: float, overlap_seconds: float, batch_size: int = 1, decoding: str = "argmax",
+                 temperature: float = 1.0):
+        """decoding: "argmax" (the paper: the most likely token of every group) or "expected" (the codebook vectors
+        averaged under each group's predicted distribution, sharpened by `temperature`; ParaGSE only)."""
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None
         self.device, self.batch_size = device, batch_size
+        if decoding not in DECODINGS:
+            raise UserError(f"inference.decoding must be one of {', '.join(DECODINGS)}, not {decoding!r}")
+        if not temperature > 0:
+            raise UserError(f"inference.temperature must be above 0, not {temperature}")
+        if decoding == "expected" and predictor is not None and predictor.kind != "paragse":
+            raise UserError("expected decoding needs ParaGSE's parallel group distributions; the serial baseline "
+                            "chooses each stage's token given the ones before")
+        self.decoding, self.temperature = decoding, temperature
         self.sample_rate = codec.sample_rate
         self.frame = codec.hop_length * codec.downsample  # samples per token frame
         self.window = self._align(window_seconds)
@@ -96,7 +108,9 @@ class Enhancer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device, codec_only: bool = False,
-                        batch_size: int = 1) -> "Enhancer":
+                        batch_size: int = 1, decoding: str | None = None,
+                        temperature: float | None = None) -> "Enhancer":
+        """decoding / temperature: None keeps the checkpoint's (config `inference`)."""
         if codec_only:
             codec, predictor = Codec.load(path), None
             config = codec.config
@@ -104,7 +118,8 @@ class Enhancer:
             predictor, codec = load_enhancer(path)
             config = predictor.config
         inf = config["inference"]
-        return cls(codec, predictor, device, inf["window_seconds"], inf["overlap_seconds"], batch_size)
+        return cls(codec, predictor, device, inf["window_seconds"], inf["overlap_seconds"], batch_size,
+                   decoding or inf["decoding"], temperature or inf["temperature"])
 
     @torch.inference_mode()
     def enhance_batch(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +135,10 @@ class Enhancer:
             # run them as two concurrent single-threaded tasks, then predict from both.
             degraded_tokens, condition = run_concurrently([lambda: self.codec.encode(padded),
                                                            lambda: self.predictor.condition(padded)])
+            if self.decoding == "expected":
+                group_logits = self.predictor.logits_from_condition(condition, degraded_tokens).float()
+                probs = (group_logits / self.temperature).softmax(dim=-1)
+                return self.codec.decode_expected(probs, segments.shape[-1]), group_logits.argmax(dim=-1)
             tokens = self.predictor.tokens_from_condition(condition, degraded_tokens)
         return self.codec.decode(tokens, segments.shape[-1]), tokens
 
@@ -210,6 +229,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", action="store_true",
                    help="int8 dynamic quantisation of the predictor's Linear/LSTM layers (CPU; slightly different "
                         "tokens, see benchmark.py)")
+    p.add_argument("--decoding", choices=DECODINGS,
+                   help="argmax: the most likely token per group (the paper); expected: codebook vectors averaged "
+                        "under the predicted distributions (default: the checkpoint's inference.decoding)")
+    p.add_argument("--temperature", type=float,
+                   help="sharpens (<1) the distributions of --decoding expected (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--save_tokens", action="store_true", help="also write <name>.tokens.npy (streams, frames)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -234,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     jobs = plan_outputs(input_dir, output_dir)
-    enhancer = Enhancer.from_checkpoint(checkpoint, device, args.codec_only, args.batch_size)
+    enhancer = Enhancer.from_checkpoint(checkpoint, device, args.codec_only, args.batch_size, args.decoding,
+                                        args.temperature)
     if args.quantize:
         if enhancer.predictor is None:
             raise UserError("--quantize quantises the token predictor; there is none with --codec_only")

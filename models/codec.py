@@ -380,6 +380,13 @@ class Codec(nn.Module):
         """tokens (batch, streams, frames) -> wav (batch, length or the token-aligned length)."""
         return self.synthesise(self.decode_spectrum(tokens), length)
 
+    def decode_expected(self, probs: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Token distributions (batch, groups, frames, codebook_size) -> wav, from the expected latent instead of
+        one token per group (group VQ only: residual stages depend on each other's choices)."""
+        if not hasattr(self.quantizer, "decode_expected"):
+            raise UserError("expected-value decoding needs a group-VQ codec (codec.quantizer.type 'gvq')")
+        return self.synthesise(self.decode_latent(self.quantizer.decode_expected(probs)), length)
+
     # --------------------------------------------------------------------------------------- persistence
     @classmethod
     def from_config(cls, config: dict) -> "Codec":

@@ -134,6 +134,11 @@ class VectorQuantizer(nn.Module):
         """tokens (batch, frames) -> (batch, input_dim, frames)."""
         return self.out_proj(self.codebook(tokens).transpose(1, 2))
 
+    def decode_expected(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (batch, frames, codebook_size) -> the expected output (batch, input_dim, frames) under them."""
+        codes = torch.matmul(probs, self.codebook.weight.to(probs.dtype))  # out_proj is linear: expectation inside
+        return self.out_proj(codes.transpose(1, 2).to(self.codebook.weight.dtype))
+
 
 class GroupVectorQuantizer(nn.Module):
     """Split the latent into `num_groups` channel groups, each with its own VQ: token n sees only group n."""
@@ -168,6 +173,11 @@ class GroupVectorQuantizer(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, groups, frames) -> latent (batch, latent_dim, frames)."""
         return torch.cat([q.decode(tokens[:, i]) for i, q in enumerate(self.quantizers)], dim=1)
+
+    def decode_expected(self, probs: torch.Tensor) -> torch.Tensor:
+        """Per-group token distributions (batch, groups, frames, codebook_size) -> expected latent (batch, latent_dim,
+        frames). The groups are independent, so each group's expectation is taken alone."""
+        return torch.cat([q.decode_expected(probs[:, i]) for i, q in enumerate(self.quantizers)], dim=1)
 
     def kmeans_init(self, latent: torch.Tensor, iterations: int, generator: torch.Generator) -> None:
         """Every group's codebook by k-means on its slice of latent (batch, latent_dim, frames)."""

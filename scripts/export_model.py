@@ -6,6 +6,8 @@
 tokenises identically: a decoder fine-tuned after `codec.train.freeze_tokenizer_step` (checked weight by weight).
 `--name_codec CODEC.pt` makes it name that codec instead of carrying it (a path relative to the output's folder and a
 fingerprint of the tokenizer, checked at every load), so an enhancer and a codec shipped together store the codec once.
+`--decoding expected --temperature T` records in the output's config (`inference`) how `inference.py` turns the
+predicted distributions into speech by default (see inference.Enhancer); choose T on validation data.
 
 The result loads with `Codec.load` / `models.load_enhancer` like any checkpoint (float16 weights are cast back to
 float32 on load); it keeps the step and compute hours for the model card.
@@ -66,9 +68,21 @@ def main(argv: list[str] | None = None) -> int:
                               help="carry this codec (same tokens, later decoder) instead of the enhancer's")
     codec_choice.add_argument("--name_codec", type=Path,
                               help="name this codec (same tokens) instead of carrying one: it must stay beside the output")
+    p.add_argument("--decoding", choices=("argmax", "expected"), help="store this inference.decoding (enhancers)")
+    p.add_argument("--temperature", type=float, help="store this inference.temperature (enhancers)")
     args = p.parse_args(argv)
     try:
         payload = load_checkpoint(args.checkpoint)
+        if args.decoding or args.temperature is not None:
+            if payload["kind"] != "paragse":
+                raise UserError(f"{args.checkpoint}: --decoding and --temperature apply to ParaGSE checkpoints, "
+                                f"not {payload['kind']}")
+            if args.temperature is not None and not args.temperature > 0:
+                raise UserError(f"--temperature must be above 0, not {args.temperature}")
+            inference = dict(payload["config"].get("inference", {}))
+            inference |= {k: v for k, v in (("decoding", args.decoding), ("temperature", args.temperature))
+                          if v is not None}
+            payload = payload | {"config": payload["config"] | {"inference": inference}}
         if args.codec:
             payload = payload | {"codec": same_tokens_codec(payload, args.codec)}
         elif args.name_codec:

@@ -47,6 +47,7 @@ def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.6 * columns, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(fig)
+    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _ in runs))}  # one per run
     splits_drawn = {split for _, series in runs for split in SPLITS if any(k.startswith(f"{split}/") for k in series)}
     for i, (metric, label) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
@@ -55,7 +56,7 @@ def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
                 if not series.get(f"{split}/{metric}"):
                     continue
                 hours, steps, values = zip(*series[f"{split}/{metric}"])
-                ax.plot(hours, values, line, marker=marker, markersize=3,
+                ax.plot(hours, values, line, marker=marker, markersize=3, color=colours[run_label],
                         label=f"{run_label}, {split_label}" if len(splits_drawn) > 1 else run_label)
                 ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
                             xytext=(-10, 8), textcoords="offset points", ha="right")

@@ -182,7 +182,8 @@ def _log_rows(path) -> list[tuple[int, float, str, float]]:
 
 
 @pytest.mark.parametrize("run, config_name", [("demo_codec", "demo.json"), ("demo_mel_decoder", "demo_mel_decoder.json"),
-                                              ("demo_fast_codec_16x1024", "demo_fast_codec_16x1024.json")])
+                                              ("demo_fast_codec_16x1024", "demo_fast_codec_16x1024.json"),
+                                              ("demo_split_vq_codec", "demo_split_vq_codec.json")])
 def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip_dir, run, config_name):
     """A fresh clone resumes a committed demo codec run: the next logged point follows the last one."""
     import json

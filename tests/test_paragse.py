@@ -146,6 +146,33 @@ def test_windowed_enhancement_matches_whole_file_and_keeps_length(tmp_path, spee
     assert result.tokens.shape == whole(long).tokens.shape
 
 
+def test_expected_decoding_sharpens_into_argmax_decoding_and_needs_parallel_groups(speech):
+    from models.serial import SerialEnhancer
+    from utils import UserError
+
+    config = load_config(TINY_CONFIG)
+    seed_everything(0)
+    codec = Codec.from_config(config)
+    model = ParaGSE(config, codec.num_streams, codec.codebook_size)
+    clip = speech[:16000]
+
+    def enhance(**decoding):
+        return inference.Enhancer(codec, model, torch.device("cpu"), 60, 1, **decoding)(clip)
+
+    argmax, sharp, soft = enhance(), enhance(decoding="expected", temperature=1e-4), enhance(decoding="expected")
+    assert np.array_equal(sharp.tokens, argmax.tokens) and np.array_equal(soft.tokens, argmax.tokens)
+    assert np.allclose(sharp.audio, argmax.audio, atol=1e-4)  # a near one-hot distribution is its arg-max
+    assert not np.allclose(soft.audio, argmax.audio, atol=1e-3)
+    with pytest.raises(UserError, match="inference.temperature"):
+        enhance(decoding="expected", temperature=0.0)
+
+    config["codec"]["quantizer"]["type"] = "rvq"
+    rvq_codec = Codec.from_config(config)
+    with pytest.raises(UserError, match="serial baseline"):
+        inference.Enhancer(rvq_codec, SerialEnhancer(config, rvq_codec), torch.device("cpu"), 60, 1,
+                           decoding="expected")
+
+
 def test_ten_minute_recording_stays_within_memory_at_paper_configuration(tmp_path, speech):
     """Paper-size ParaGSE (random weights) on 10 minutes of speech: windowed, bounded memory, exact length."""
     script = """

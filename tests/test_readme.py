@@ -38,7 +38,7 @@ SUBSTITUTIONS = [  # (pattern, replacement), applied in order to each command
     # The paper configuration trains at ~13 CPU-s a step; the tiny one keeps every code path.
     (r"--config config\.json", "--config configs/tiny.json"),
     (r"--config configs/rvq\.json", "--config tiny_rvq.json"),
-    # k-means of 16 x 1,024 codes on 4,096 segments takes minutes; the stand-in fits 64 codes on 64 segments.
+    # k-means of 16 x 1,024 codes on 4,096 segments takes minutes; the stand-in fits them on 64 segments.
     (r"--config configs/demo_split_vq_codec\.json", "--config small_split_vq.json"),
     (r"^git show \S+:(\S+) > ", r"cp \1 "),  # the scratch folder is no git clone; the file stands in for its past
     (r"checkpoint_00700000\.pt", f"checkpoint_{TRAINING_STEPS:08d}.pt"),
@@ -137,7 +137,7 @@ def workspace(tmp_path_factory) -> Path:
                      16000)
     (root / "small_split_vq.json").write_text(json.dumps({
         "base": str(REPO / "configs" / "demo_split_vq_codec.json"),
-        "codec": {"quantizer": {"codebook_size": 64}, "train": {"init_segments": 64, "kmeans_iterations": 5}}}))
+        "codec": {"train": {"init_segments": 64, "kmeans_iterations": 5}}}))
     (root / "tiny_rvq.json").write_text(
         (REPO / "configs" / "tiny.json").read_text().replace('"codec": {', '"codec": {\n    "quantizer": {"type": "rvq"},', 1))
     return root
