@@ -17,7 +17,7 @@ import torch
 import evaluate
 import inference
 from models.codec import Codec
-from utils import REPO_ROOT, UserError
+from utils import REPO_ROOT, UserError, load_checkpoint, validate_config
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -39,12 +39,15 @@ def score(enhanced: Path, clean: Path, degraded: Path | None, dnsmos: bool) -> l
 
 
 def report(rows_enhanced: list[dict], rows_codec: list[dict], checkpoint: Path, figures: list[Path],
-           output_dir: Path) -> Path:
+           output_dir: Path, decoding: dict) -> Path:
+    """decoding: the checkpoint's `inference` section (how token distributions became speech)."""
+    how = (f"by expectation at temperature {decoding['temperature']:g}" if decoding["decoding"] == "expected"
+           else "by arg-max")
     lines = [
         "# ParaGSE demo report",
         "",
         f"Model: `{checkpoint.relative_to(REPO_ROOT) if checkpoint.is_relative_to(REPO_ROOT) else checkpoint}` "
-        "(see MODEL_CARD.md for what it was trained on and for how long).",
+        f"(see MODEL_CARD.md for what it was trained on and for how long), tokens decoded {how}.",
         "Input: the held-out clips of `examples/` (never used in training), one folder per distortion.",
         "",
         "## Degraded input → enhanced output, per distortion",
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             [EXAMPLES / "degraded" / rel, out / "enhanced" / rel, EXAMPLES / "clean" / rel.name],
             [f"degraded ({rel.parent.name})", "enhanced", "clean"], png)
         figures.append(png)
-    path = report(rows_enhanced, rows_codec, args.checkpoint, figures, out)
+    decoding = validate_config(load_checkpoint(args.checkpoint)["config"])["inference"]
+    path = report(rows_enhanced, rows_codec, args.checkpoint, figures, out, decoding)
     print(f"\nenhanced audio: {out / 'enhanced'}\ncodec copy-synthesis: {out / 'codec'}\n"
           f"report: {path}\nfigures: {out / 'figures'}")
     return 0
