@@ -169,5 +169,6 @@ def test_documented_command_runs(command: str, workspace: Path) -> None:
         folder = workspace / argv[argv.index("--checkpoint_dir") + 1]
         last_max_steps = int(argv[len(argv) - argv[::-1].index("--max_steps")])  # the last one given wins
         assert (folder / f"checkpoint_{last_max_steps:08d}.pt").is_file(), done.stderr[-2000:]
-    if "export_model.py" in " ".join(argv):
-        assert (workspace / argv[argv.index("--half") - 1]).is_file()
+    exports = [i for i, arg in enumerate(argv) if arg.endswith("export_model.py")]
+    if exports:  # export_model.py CHECKPOINT OUTPUT [options]
+        assert (workspace / argv[exports[0] + 2]).is_file()
