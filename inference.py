@@ -119,7 +119,7 @@ class Enhancer:
             config = predictor.config
         inf = config["inference"]
         return cls(codec, predictor, device, inf["window_seconds"], inf["overlap_seconds"], batch_size,
-                   decoding or inf["decoding"], temperature or inf["temperature"])
+                   decoding or inf["decoding"], inf["temperature"] if temperature is None else temperature)
 
     @torch.inference_mode()
     def enhance_batch(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
