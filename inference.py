@@ -12,63 +12,33 @@ int8 dot-product instructions, at the cost of some tokens differing from fp32 (b
 """
 from __future__ import annotations
 
+import cpu_speed  # first: it sets the OpenMP wait policy before torch loads
+
 import argparse
-import ctypes
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# OpenMP threads spin-wait between operations by default. When another process holds one of the cores, a spinning
-# thread burns the time slice its partner needs, and each operation then waits a whole scheduler slice at its
-# barrier: measured here with a training job on one of two cores, the pipeline ran 2.5-4x slower than with passive
-# waiting. libgomp reads this once, when torch loads, so it is set (unless the user chose) before importing torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from models import load_enhancer  # noqa: E402
-from models.codec import Codec  # noqa: E402
-from models.conformer import run_concurrently  # noqa: E402
-from models.int8 import quantize_predictor  # noqa: E402
-from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, padded_length,  # noqa: E402
-                   resolve_device, save_audio)
+from checkpoint import check_decoding, load_codec, load_enhancer
+from models.codec import Codec
+from models.int8 import quantize_predictor
+from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, load_config, resolve_device,
+                   save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
-DECODINGS = ("argmax", "expected")  # how predicted token distributions become a waveform (Enhancer)
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit systems
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing each large block back to the kernel.
-
-    By default a freed block of activations is unmapped and the next operation's output is mapped and page-faulted
-    in afresh, 4 KiB at a time, which is slow in a VM: one encoder pass over 10 s faulted ~32,000 pages, and the
-    whole pipeline ran ~8 % faster without it. Raising the mmap and trim thresholds keeps blocks up to 32 MiB in
-    the heap. Peak memory is unchanged (the heap only keeps what was in use at the peak) but is not returned to the
-    system before exit. Process-wide, so the command-line tools call it, not the library. False off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
-        return False
 
 
 @dataclass
 class Result:
     audio: np.ndarray  # (samples,) float32 at the model's sample rate
-    tokens: np.ndarray | None  # (streams, frames) predicted tokens, stitched across windows
+    tokens: np.ndarray | None  # (groups, frames) predicted tokens, stitched across windows
     notes: list[str]
 
 
@@ -85,19 +55,15 @@ class Enhancer:
                  temperature: float = 1.0):
         """decoding: "argmax" (the paper: the most likely token of every group) or "expected" (the codebook vectors
         averaged under each group's predicted distribution, sharpened by `temperature`; ParaGSE only)."""
+        check_decoding(decoding, temperature, type(predictor) if predictor is not None else None)
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None
         self.device, self.batch_size = device, batch_size
-        if decoding not in DECODINGS:
-            raise UserError(f"inference.decoding must be one of {', '.join(DECODINGS)}, not {decoding!r}")
-        if not temperature > 0:
-            raise UserError(f"inference.temperature must be above 0, not {temperature}")
-        if decoding == "expected" and predictor is not None and predictor.kind != "paragse":
-            raise UserError("expected decoding needs ParaGSE's parallel group distributions; the serial baseline "
-                            "chooses each stage's token given the ones before")
         self.decoding, self.temperature = decoding, temperature
         self.sample_rate = codec.sample_rate
-        self.frame = codec.hop_length * codec.downsample  # samples per token frame
+        self.frame = codec.samples_per_token
+        # How independent tasks of one batch run: in order here; cpu_speed.run_concurrently with `parallelize`.
+        self.run_tasks = lambda tasks: [task() for task in tasks]
         self.window = self._align(window_seconds)
         self.overlap = self._align(overlap_seconds)
         if self.overlap >= self.window:
@@ -107,23 +73,34 @@ class Enhancer:
         return max(1, round(seconds * self.sample_rate / self.frame)) * self.frame
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device, codec_only: bool = False,
-                        batch_size: int = 1, decoding: str | None = None,
-                        temperature: float | None = None) -> "Enhancer":
-        """decoding / temperature: None keeps the checkpoint's (config `inference`)."""
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "auto", codec_only: bool = False,
+             batch_size: int = 1, decoding: str | None = None, temperature: float | None = None) -> "Enhancer":
+        """An enhancer checkpoint (default: the shipped demo model), or a codec alone with `codec_only`.
+
+        decoding / temperature: None keeps the checkpoint's defaults (inference.decoding, inference.temperature).
+        """
+        device = resolve_device(device) if isinstance(device, str) else device
         if codec_only:
-            codec, predictor = Codec.load(path), None
-            config = codec.config
+            codec, predictor = load_codec(path or DEFAULT_CODEC), None
+            defaults = {"decoding": "argmax", "temperature": 1.0}
+            # A codec stores no inference settings: its windows are the project's defaults.
+            defaults |= {k: load_config()["inference"][k] for k in ("window_seconds", "overlap_seconds")}
         else:
-            predictor, codec = load_enhancer(path)
-            config = predictor.config
-        inf = config["inference"]
-        return cls(codec, predictor, device, inf["window_seconds"], inf["overlap_seconds"], batch_size,
-                   decoding or inf["decoding"], inf["temperature"] if temperature is None else temperature)
+            predictor, codec, defaults = load_enhancer(path or DEFAULT_ENHANCER)
+        return cls(codec, predictor, device, defaults["window_seconds"], defaults["overlap_seconds"], batch_size,
+                   decoding or defaults["decoding"], defaults["temperature"] if temperature is None else temperature)
+
+    def parallelize(self) -> "Enhancer":
+        """Run independent work as concurrent single-threaded tasks on CPU (cpu_speed); outputs are unchanged."""
+        if self.device.type == "cpu":
+            self.run_tasks = cpu_speed.run_concurrently
+            if self.predictor is not None:
+                cpu_speed.parallelize(self.predictor)
+        return self
 
     @torch.inference_mode()
     def enhance_batch(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Equal-length segments (batch, samples) -> (enhanced (batch, samples), tokens (batch, streams, frames)).
+        """Equal-length segments (batch, samples) -> (enhanced (batch, samples), tokens (batch, groups, frames)).
 
         The whole pipeline, without windowing: callers keep segments short enough for memory (see __call__).
         """
@@ -133,13 +110,13 @@ class Enhancer:
         else:
             # The predictor's token-free part (STFT, degraded branch) and the codec encoder are independent:
             # run them as two concurrent single-threaded tasks, then predict from both.
-            degraded_tokens, condition = run_concurrently([lambda: self.codec.encode(padded),
-                                                           lambda: self.predictor.condition(padded)])
+            degraded_tokens, condition = self.run_tasks([lambda: self.codec.encode(padded),
+                                                         lambda: self.predictor.condition(padded)])
+            group_logits = self.predictor.predict(condition, degraded_tokens)
             if self.decoding == "expected":
-                group_logits = self.predictor.logits_from_condition(condition, degraded_tokens).float()
-                probs = (group_logits / self.temperature).softmax(dim=-1)
+                probs = (group_logits.float() / self.temperature).softmax(dim=-1)
                 return self.codec.decode_expected(probs, segments.shape[-1]), group_logits.argmax(dim=-1)
-            tokens = self.predictor.tokens_from_condition(condition, degraded_tokens)
+            tokens = group_logits.argmax(dim=-1)
         return self.codec.decode(tokens, segments.shape[-1]), tokens
 
     def window_starts(self, length: int) -> list[int]:
@@ -162,10 +139,8 @@ class Enhancer:
         ends = [s + self.window for s in starts[:-1]] + [length]
         output = torch.zeros(length, device=self.device)
         weight = torch.zeros(length, device=self.device)
-        token_frames = (padded_length(length, self.codec.hop_length, self.codec.downsample)
-                        + self.codec.hop_length) // self.frame
-        streams = self.codec.num_streams
-        tokens = torch.zeros(streams, token_frames, dtype=torch.long, device=self.device)
+        token_frames = (self.codec.padded_length(length) + self.codec.hop_length) // self.frame
+        tokens = torch.zeros(self.codec.num_groups, token_frames, dtype=torch.long, device=self.device)
         ramp = torch.linspace(0, 1, self.overlap + 2, device=self.device)[1:-1]
         # Batch windows of equal length; the (possibly longer) last one runs on its own.
         full = list(range(len(starts) - 1))
@@ -229,13 +204,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", action="store_true",
                    help="int8 dynamic quantisation of the predictor's Linear/LSTM layers (CPU; slightly different "
                         "tokens, see benchmark.py)")
-    p.add_argument("--decoding", choices=DECODINGS,
+    p.add_argument("--decoding", choices=("argmax", "expected"),
                    help="argmax: the most likely token per group (the paper); expected: codebook vectors averaged "
                         "under the predicted distributions (default: the checkpoint's inference.decoding)")
     p.add_argument("--temperature", type=float,
                    help="sharpens (<1) the distributions of --decoding expected (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--save_tokens", action="store_true", help="also write <name>.tokens.npy (streams, frames)")
+    p.add_argument("--save_tokens", action="store_true", help="also write <name>.tokens.npy (groups, frames)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     args.input_dir = args.input_dir or args.input_dir_alias
@@ -258,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     jobs = plan_outputs(input_dir, output_dir)
-    enhancer = Enhancer.from_checkpoint(checkpoint, device, args.codec_only, args.batch_size, args.decoding,
-                                        args.temperature)
+    enhancer = Enhancer.load(checkpoint, device, args.codec_only, args.batch_size, args.decoding,
+                             args.temperature).parallelize()
     if args.quantize:
         if enhancer.predictor is None:
             raise UserError("--quantize quantises the token predictor; there is none with --codec_only")
@@ -308,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    keep_freed_memory()
+    cpu_speed.enable()
     try:
         return run(args)
     except UserError as e:

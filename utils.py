@@ -1,4 +1,4 @@
-"""Shared plumbing: configuration, audio I/O, checkpoints, devices.
+"""Shared plumbing: configuration, audio I/O, atomic files, devices, the STFT.
 
 Everything here is the single implementation of its job; the rest of the project imports it rather than
 re-implementing it (one audio loader, one checkpoint format, one place for defaults).
@@ -8,12 +8,11 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import math
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -43,6 +42,12 @@ def _check_and_merge(defaults: dict, override: dict, prefix: str = "") -> dict:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise UserError(f"unknown config key '{dotted}'{hint}")
         default = defaults[key]
+        if isinstance(default, dict) and isinstance(value, dict) and value.get("class", default.get("class")) != \
+                default.get("class"):
+            # Another model class takes other parameters: its section is complete and replaces the default one;
+            # the class checks its keys when it is built (models.codec.build_from_section).
+            merged[key] = copy.deepcopy(value)
+            continue
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{dotted}' must be an object, got {type(value).__name__}")
@@ -96,11 +101,6 @@ def load_config(path: str | Path | None = None) -> dict:
     return _check_and_merge(read_json(DEFAULT_CONFIG), override)
 
 
-def validate_config(config: dict) -> dict:
-    """Check a complete config (e.g. one stored in a checkpoint) against config.json's keys."""
-    return _check_and_merge(read_json(DEFAULT_CONFIG), config)
-
-
 # ----------------------------------------------------------------------------------------------------- audio
 def find_audio_files(root: str | Path, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
     """Audio files under `root` (recursively), as paths relative to `root`, sorted."""
@@ -143,14 +143,38 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> tuple[np.ndarray, 
     return np.ascontiguousarray(audio), notes
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
+def atomic_write(path: str | Path, data: bytes | Callable[[str], None]) -> None:
+    """Write a file atomically: into a temporary file in the same folder, then rename, so a crash mid-write leaves
+    the previous file (or none) and never a truncated one. `data`: the bytes, or a function writing the temp path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-    umask = os.umask(0)
+    os.close(fd)
+    umask = os.umask(0)  # mkstemp creates 0600 files; give the result the permissions a plain open() would have
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def require_dir(path: str | Path | None, flag: str) -> Path:
+    """An existing folder with audio files in it, or a one-line UserError naming the flag."""
+    if path is None:
+        raise UserError(f"{flag} is required for this stage")
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{flag}: folder not found: {p}")
+    if not find_audio_files(p):
+        raise UserError(f"{flag}: no .wav/.flac/.ogg files under {p}")
+    return p
 
 
 def save_audio(path: str | Path, audio: np.ndarray | torch.Tensor, sample_rate: int = 16000) -> None:
@@ -159,73 +183,7 @@ def save_audio(path: str | Path, audio: np.ndarray | torch.Tensor, sample_rate: 
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().float().cpu().numpy()
     audio = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """torch.save atomically: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_checkpoint(path: str | Path, expected_kind: str | tuple[str, ...] | None = None) -> dict:
-    """Load a checkpoint written by save_checkpoint; UserError names the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated / foreign files
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or "kind" not in payload or "config" not in payload:
-        raise UserError(f"checkpoint {path} was not written by this project (no 'kind'/'config')")
-    if expected_kind is not None:
-        kinds = (expected_kind,) if isinstance(expected_kind, str) else expected_kind
-        if payload["kind"] not in kinds:
-            raise UserError(f"checkpoint {path} holds a '{payload['kind']}' model, expected {' or '.join(kinds)}")
-    return payload
-
-
-def load_state_dict_checked(module: torch.nn.Module, state: dict, source: str | Path) -> None:
-    """load_state_dict that turns shape/key mismatches into one-line UserErrors naming the source."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"{source}: weights do not match the model built from its config ({detail})")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise UserError(
-                f"{source}: config does not match weights at '{key}': "
-                f"model {tuple(own[key].shape)} vs checkpoint {tuple(value.shape)}"
-            )
-    module.load_state_dict(state)
-
-
-def load_matching_weights(module: torch.nn.Module, state: dict) -> list[str]:
-    """Load the entries of `state` whose name and shape match `module`; return the modules left as initialised."""
-    own = module.state_dict()
-    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    module.load_state_dict(matching, strict=False)
-    fresh = {k.split(".parametrizations")[0] if ".parametrizations" in k else k.rsplit(".", 1)[0]
-             for k in own if k not in matching}
-    return sorted(fresh)
+    atomic_write(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV"))
 
 
 # ----------------------------------------------------------------------------------------------- misc helpers
@@ -246,7 +204,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, as tensors and plain values (checkpoints load with weights_only=True)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                   has_gauss, gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -254,7 +215,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -262,16 +224,6 @@ def set_rng_state(state: dict) -> None:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def padded_length(num_samples: int, hop_length: int, downsample: int) -> int:
-    """Smallest length >= num_samples whose centred MDCT/STFT has a whole number of token frames.
-
-    With centred framing a length L gives L/hop + 1 frames; token frames need that to be a multiple of
-    `downsample`, i.e. L = hop * (downsample * F - 1).
-    """
-    token_frames = max(1, math.ceil((num_samples + hop_length) / (hop_length * downsample)))
-    return hop_length * (downsample * token_frames - 1)
 
 
 def stft(wav: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:

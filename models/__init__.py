@@ -1,20 +1,21 @@
-"""Model zoo: the codec and the two token predictors, plus one loader for any enhancer checkpoint."""
+"""The codecs and the token predictors, each built from its own config section (see models.codec)."""
 from __future__ import annotations
 
-from pathlib import Path
+from torch import nn
 
-import torch
-
-from models.codec import Codec
+from models.codec import Codec, build_codec, build_from_section
 from models.paragse import ParaGSE
 from models.serial import SerialEnhancer
-from utils import load_checkpoint
 
-ENHANCERS = {ParaGSE.kind: ParaGSE, SerialEnhancer.kind: SerialEnhancer}
+ENHANCERS = {"ParaGSE": ParaGSE, "SerialEnhancer": SerialEnhancer}
 
 
-def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec]:
-    """(token predictor, codec) from one enhancer checkpoint, which carries its codec or names its file."""
-    payload = load_checkpoint(path, tuple(ENHANCERS))
-    codec = Codec.from_payload(payload["codec"], path)
-    return ENHANCERS[payload["kind"]].from_payload(payload, codec, path), codec
+def build_enhancer(section: dict, codec: Codec) -> nn.Module:
+    """A fresh token predictor from its config section, sized by the codec whose tokens it predicts."""
+    if section.get("class") == "SerialEnhancer":
+        return build_from_section(ENHANCERS, section, "enhancer", code_vectors=codec.code_vectors())
+    return build_from_section(ENHANCERS, section, "enhancer", num_groups=codec.num_groups,
+                              codebook_size=codec.codebook_size)
+
+
+__all__ = ["Codec", "ENHANCERS", "ParaGSE", "SerialEnhancer", "build_codec", "build_enhancer"]

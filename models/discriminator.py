@@ -41,13 +41,12 @@ class MDCTDiscriminator(nn.Module):
 class MultiResolutionMDCTDiscriminator(nn.Module):
     """wav (batch, samples) -> per resolution: (logits (batch, n), feature maps)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, frame_lengths: list[int], channels: int, kernels: list, strides: list, output_kernel: list,
+                 leaky_relu_slope: float):
         super().__init__()
-        d = config["codec"]["discriminator"]
         self.discriminators = nn.ModuleList(
-            MDCTDiscriminator(length, d["channels"], d["kernels"], d["strides"], d["output_kernel"],
-                              d["leaky_relu_slope"])
-            for length in d["frame_lengths"]
+            MDCTDiscriminator(length, channels, kernels, strides, output_kernel, leaky_relu_slope)
+            for length in frame_lengths
         )
 
     def forward(self, wav: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:

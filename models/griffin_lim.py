@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses import LogMel
 from utils import UserError, istft, stft
 
 
@@ -22,11 +21,12 @@ class MelGriffinLim(nn.Module):
 
     def __init__(self, mel_filters: torch.Tensor, hop_length: int, win_length: int, n_fft: int, iterations: int,
                  momentum: float):
-        """mel_filters (n_mels, mel_n_fft // 2 + 1): the filterbank that made the log-mel (`LogMel.filters`)."""
+        """mel_filters (n_mels, mel_n_fft // 2 + 1): the filterbank that made the log-mel (`LogMel.filters`), so the
+        two cannot drift apart."""
         super().__init__()
         mel_n_fft = 2 * (mel_filters.shape[-1] - 1)
         if mel_n_fft % n_fft or n_fft < win_length:
-            raise UserError(f"codec.griffin_lim.n_fft ({n_fft}) must divide the mel n_fft ({mel_n_fft}) and cover the "
+            raise UserError(f"griffin_lim.n_fft ({n_fft}) must divide the mel n_fft ({mel_n_fft}) and cover the "
                              f"window ({win_length})")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
         self.iterations, self.momentum = iterations, momentum
@@ -53,10 +53,3 @@ class MelGriffinLim(nn.Module):
             phase = accelerated / accelerated.abs().clamp_(min=1e-8)
         wav = istft(magnitude * phase, *spec, full)
         return wav if length is None else F.pad(wav, (0, max(0, length - full)))[..., :length]
-
-    @classmethod
-    def from_config(cls, config: dict) -> "MelGriffinLim":
-        """The inverse of `LogMel.from_config(config)`: built from its filterbank, so the two cannot drift apart."""
-        mel, gl = config["codec"]["loss"]["mel"], config["codec"]["griffin_lim"]
-        return cls(LogMel.from_config(config).filters, mel["hop_length"], mel["win_length"], gl["n_fft"],
-                   gl["iterations"], gl["momentum"])

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from models.conformer import GroupedBiLSTM, GroupedLinear, run_concurrently
+from models.conformer import GroupedBiLSTM, GroupedLinear
 
 _INT8 = torch.ao.quantization.per_channel_dynamic_qconfig
 
@@ -43,11 +43,10 @@ class QuantizedGroupedLinear(nn.Module):
                     layer.bias.copy_(linear.bias[g, 0])
         self.per_group = _quantize_dynamic(dense.eval(), nn.Linear)
 
-    def forward(self, x: torch.Tensor, part: slice | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, b, t, c = x.shape
-        layers = self.per_group if part is None else self.per_group[part]
         flat = x.reshape(g, b * t, c)
-        return torch.stack([layer(flat[i]) for i, layer in enumerate(layers)]).view(g, b, t, -1)
+        return torch.stack([layer(flat[i]) for i, layer in enumerate(self.per_group)]).view(g, b, t, -1)
 
 
 class QuantizedGroupedBiLSTM(nn.Module):
@@ -65,9 +64,8 @@ class QuantizedGroupedBiLSTM(nn.Module):
                     target.copy_(source)
         self.per_group = _quantize_dynamic(dense.eval(), nn.LSTM)
 
-    def forward(self, x: torch.Tensor, part: slice | None = None) -> torch.Tensor:
-        layers = self.per_group if part is None else self.per_group[part]
-        return torch.stack(run_concurrently([lambda i=i, layer=layer: layer(x[i])[0] for i, layer in enumerate(layers)]))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([layer(x[i])[0] for i, layer in enumerate(self.per_group)])
 
 
 def quantize_predictor(model: nn.Module) -> nn.Module:

@@ -2,50 +2,51 @@
 
 Shapes at the boundary:
     degraded_wav     (batch, samples)         token-aligned length (Codec.pad)
+    condition        (batch, frames, dim)     the degraded-spectrum branch's output, one row per token frame
     degraded_tokens  (batch, groups, frames)  from the frozen codec encoder
     group_logits     (batch, groups, frames, codebook_size)
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.conformer import ConformerStack, GroupedBiLSTM, GroupedLinear, concurrency, run_concurrently, split_groups
-from utils import UserError, load_state_dict_checked, stft, validate_config
+from models.conformer import ConformerStack, GroupedBiLSTM, GroupedLinear
+from utils import UserError, stft
 
 
-def stft_features(wav: torch.Tensor, config: dict) -> torch.Tensor:
+class STFTFeatures(nn.Module):
     """Degraded STFT magnitude and phase stacked: (batch, samples) -> (batch, n_fft + 2, frames)."""
-    s = config["enhancer"]["stft"]
-    spec = stft(wav, s["n_fft"], s["hop_length"], s["win_length"])
-    magnitude = torch.sqrt(spec.real**2 + spec.imag**2 + s["magnitude_eps"])
-    phase = torch.atan2(spec.imag, spec.real)
-    return torch.cat([magnitude, phase], dim=1)
+
+    def __init__(self, n_fft: int, hop_length: int, win_length: int, magnitude_eps: float):
+        super().__init__()
+        self.n_fft, self.hop_length, self.win_length, self.magnitude_eps = n_fft, hop_length, win_length, magnitude_eps
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        spec = stft(wav, self.n_fft, self.hop_length, self.win_length)
+        magnitude = torch.sqrt(spec.real**2 + spec.imag**2 + self.magnitude_eps)
+        return torch.cat([magnitude, torch.atan2(spec.imag, spec.real)], dim=1)
 
 
 class DegradedBranch(nn.Module):
-    """STFT features (batch, n_fft + 2, 8F) -> (batch, F, dim): strided convs, residual BiLSTM, conformers."""
+    """STFT features (batch, channels, 8F) -> (batch, F, dim): strided convs, residual BiLSTM, conformers, Linear."""
 
-    def __init__(self, config: dict, conformer_blocks: int, lstm_layers: int):
+    def __init__(self, in_channels: int, conv_channels: list[int], conv_kernel: int, conv_stride: int,
+                 leaky_relu_slope: float, lstm_hidden: int, lstm_layers: int, conformer_blocks: int, conformer: dict):
         super().__init__()
-        b, conformer = config["enhancer"]["branch"], config["enhancer"]["conformer"]
-        channels, dim = b["conv_channels"], conformer["dim"]
-        expected_in = config["enhancer"]["stft"]["n_fft"] + 2
-        if channels[0] != expected_in:
-            raise UserError(f"enhancer.branch.conv_channels[0] must be n_fft + 2 = {expected_in}, got {channels[0]}")
-        if channels[-1] != dim or (lstm_layers and 2 * b["lstm_hidden"] != dim):
+        dim = conformer["dim"]
+        if conv_channels[0] != in_channels:
+            raise UserError(f"enhancer.branch.conv_channels[0] must be n_fft + 2 = {in_channels}, "
+                            f"not {conv_channels[0]}")
+        if conv_channels[-1] != dim or (lstm_layers and 2 * lstm_hidden != dim):
             raise UserError("enhancer.branch.conv_channels[-1] and 2 * lstm_hidden must equal enhancer.conformer.dim")
-        self.convs = nn.ModuleList(
-            nn.Conv1d(c_in, c_out, b["conv_kernel"], b["conv_stride"], padding=b["conv_kernel"] // 2)
-            for c_in, c_out in zip(channels[:-1], channels[1:])
-        )
-        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels[1:])
-        self.slope = b["leaky_relu_slope"]
-        self.lstm = GroupedBiLSTM(1, dim, b["lstm_hidden"], lstm_layers) if lstm_layers else None
-        self.conformers = ConformerStack(1, conformer_blocks, conformer)
+        self.convs = nn.ModuleList(nn.Conv1d(c_in, c_out, conv_kernel, conv_stride, padding=conv_kernel // 2)
+                                   for c_in, c_out in zip(conv_channels[:-1], conv_channels[1:]))
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in conv_channels[1:])
+        self.slope = leaky_relu_slope
+        self.lstm = GroupedBiLSTM(1, dim, lstm_hidden, lstm_layers) if lstm_layers else None
+        self.conformers = ConformerStack(1, conformer_blocks, **conformer)
         self.project = nn.Linear(dim, dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -61,87 +62,72 @@ class DegradedBranch(nn.Module):
 class TokenBranches(nn.Module):
     """All N token branches as one batched computation (weights stacked on a leading group axis)."""
 
-    def __init__(self, config: dict, num_groups: int, codebook_size: int):
+    def __init__(self, num_groups: int, codebook_size: int, embedding_dim: int, lstm_hidden: int, lstm_layers: int,
+                 conformer_blocks: int, conformer: dict):
         super().__init__()
-        t, conformer = config["enhancer"]["token_branch"], config["enhancer"]["conformer"]
+        self.arguments = dict(num_groups=num_groups, codebook_size=codebook_size, embedding_dim=embedding_dim,
+                              lstm_hidden=lstm_hidden, lstm_layers=lstm_layers, conformer_blocks=conformer_blocks,
+                              conformer=conformer)
         dim = conformer["dim"]
-        if 2 * t["lstm_hidden"] != dim:
+        if 2 * lstm_hidden != dim:
             raise UserError("2 * enhancer.token_branch.lstm_hidden must equal enhancer.conformer.dim")
         self.num_groups, self.codebook_size = num_groups, codebook_size
         # One table of num_groups * codebook_size rows: group g's code k is row g * codebook_size + k.
-        self.embedding = nn.Embedding(num_groups * codebook_size, t["embedding_dim"])
-        self.fuse = GroupedLinear(num_groups, t["embedding_dim"] + dim, dim)
-        self.lstm = GroupedBiLSTM(num_groups, dim, t["lstm_hidden"], t["lstm_layers"])
-        self.conformers = ConformerStack(num_groups, t["conformer_blocks"], conformer)
+        self.embedding = nn.Embedding(num_groups * codebook_size, embedding_dim)
+        self.fuse = GroupedLinear(num_groups, embedding_dim + dim, dim)
+        self.lstm = GroupedBiLSTM(num_groups, dim, lstm_hidden, lstm_layers)
+        self.conformers = ConformerStack(num_groups, conformer_blocks, **conformer)
         self.logits = GroupedLinear(num_groups, dim, codebook_size)
         offsets = torch.arange(num_groups) * codebook_size
         self.register_buffer("offsets", offsets.view(num_groups, 1, 1), persistent=False)
 
-    def forward(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
-        """branch (batch, frames, dim), degraded_tokens (batch, groups, frames) -> (batch, groups, frames, codes).
+    def forward(self, condition: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
+        """condition (batch, frames, dim), degraded_tokens (batch, groups, frames) -> group_logits."""
+        embedded = self.embedding(degraded_tokens.transpose(0, 1) + self.offsets)  # (G, B, F, emb)
+        shared = condition[None].expand(embedded.shape[0], -1, -1, -1)
+        x = self.fuse(torch.cat([embedded, shared], dim=-1))
+        x = x + self.lstm(x)
+        return self.logits(self.conformers(x)).transpose(0, 1)
 
-        At inference with several threads the groups are cut into one part per thread and the parts run as
-        concurrent single-threaded tasks (see models.conformer); the logits are bit-identical either way.
+    def select(self, groups: slice) -> "TokenBranches":
+        """The branches of `groups` alone, sharing this module's weights (for running groups apart at inference).
+
+        Every weight and buffer is group-major along its first axis, so a group's rows are a contiguous slice.
         """
-        parts = split_groups(self.num_groups, 1 if self.training else concurrency())
-        if len(parts) == 1:
-            return self._forward_groups(branch, degraded_tokens, None)
-        return torch.cat(run_concurrently([lambda part=part: self._forward_groups(branch, degraded_tokens, part)
-                                           for part in parts]), dim=1)
-
-    def _forward_groups(self, branch: torch.Tensor, degraded_tokens: torch.Tensor, part: slice | None) -> torch.Tensor:
-        """The branches of the groups in `part` (all when None) -> (batch, len(part), frames, codes)."""
-        offsets = self.offsets if part is None else self.offsets[part]
-        tokens = degraded_tokens if part is None else degraded_tokens[:, part]
-        embedded = self.embedding(tokens.transpose(0, 1) + offsets)  # (G, B, F, emb)
-        shared = branch[None].expand(embedded.shape[0], -1, -1, -1)
-        x = self.fuse(torch.cat([embedded, shared], dim=-1), part)
-        x = x + self.lstm(x, part)
-        return self.logits(self.conformers(x, part), part).transpose(0, 1)
+        count = len(range(self.num_groups)[groups])
+        subset = TokenBranches(**self.arguments | {"num_groups": count})
+        state = {}
+        for name, value in self.state_dict().items():
+            rows = value.shape[0] // self.num_groups if value.dim() else 0
+            state[name] = value[groups.start * rows: groups.stop * rows] if rows else value
+        subset.load_state_dict(state, assign=True)
+        return subset.train(self.training)
 
 
 class ParaGSE(nn.Module):
-    kind = "paragse"
+    """Degraded STFT -> DegradedBranch -> condition; condition + each group's degraded tokens -> its logits."""
 
-    def __init__(self, config: dict, num_groups: int, codebook_size: int):
+    def __init__(self, num_groups: int, codebook_size: int, stft: dict, branch: dict, token_branch: dict,
+                 conformer: dict):
+        """stft: STFTFeatures' arguments; branch: DegradedBranch's but in_channels and conformer; token_branch:
+        TokenBranches' but num_groups, codebook_size and conformer; conformer: ConformerStack's but groups and
+        num_blocks (shared by both branches)."""
         super().__init__()
-        self.config = config
-        b, t = config["enhancer"]["branch"], config["enhancer"]["token_branch"]
-        self.branch = DegradedBranch(config, b["conformer_blocks"], b["lstm_layers"])
-        self.token_branches = TokenBranches(config, num_groups, codebook_size)
+        self.features = STFTFeatures(**stft)
+        self.branch = DegradedBranch(stft["n_fft"] + 2, conformer=conformer, **branch)
+        self.token_branches = TokenBranches(num_groups, codebook_size, conformer=conformer, **token_branch)
 
     def forward(self, degraded_wav: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
         """-> group_logits (batch, groups, frames, codebook_size)."""
-        return self.logits_from_condition(self.condition(degraded_wav), degraded_tokens)
+        return self.predict(self.condition(degraded_wav), degraded_tokens)
 
     def condition(self, degraded_wav: torch.Tensor) -> torch.Tensor:
-        """The part that needs no tokens: degraded STFT -> branch output (batch, frames, dim).
+        """The part that needs no tokens (inference computes it while the codec encodes the same audio)."""
+        return self.branch(self.features(degraded_wav))
 
-        Split out so inference can compute it while the codec encodes the same audio (inference.Enhancer).
-        """
-        return self.branch(stft_features(degraded_wav, self.config))
-
-    def logits_from_condition(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
-        """branch output (batch, frames, dim) and degraded tokens -> group_logits (batch, groups, frames, codes)."""
-        frames = degraded_tokens.shape[-1]
-        if branch.shape[1] != frames:
-            raise UserError(f"STFT branch gives {branch.shape[1]} frames but there are {frames} token frames; "
-                             "pad the waveform with Codec.pad first")
-        return self.token_branches(branch, degraded_tokens)
-
-    def tokens_from_condition(self, branch: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
-        """One non-iterative pass from the branch output: arg-max of every group's logits -> (batch, groups, frames)."""
-        return self.logits_from_condition(branch, degraded_tokens).argmax(dim=-1)
-
-    def predict_tokens(self, degraded_wav: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
-        """One non-iterative pass: arg-max of every group's logits -> (batch, groups, frames)."""
-        return self.tokens_from_condition(self.condition(degraded_wav), degraded_tokens)
-
-    def checkpoint_payload(self, codec_payload: dict) -> dict:
-        return {"kind": self.kind, "config": self.config, "model": self.state_dict(), "codec": codec_payload}
-
-    @classmethod
-    def from_payload(cls, payload: dict, codec, source: str | Path) -> "ParaGSE":
-        model = cls(validate_config(payload["config"]), codec.num_streams, codec.codebook_size)
-        load_state_dict_checked(model, payload["model"], source)
-        return model.eval()
+    def predict(self, condition: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
+        """One non-iterative pass for every group -> group_logits (batch, groups, frames, codebook_size)."""
+        if condition.shape[1] != degraded_tokens.shape[-1]:
+            raise UserError(f"the STFT branch gives {condition.shape[1]} frames but there are "
+                            f"{degraded_tokens.shape[-1]} token frames; pad the waveform with Codec.pad first")
+        return self.token_branches(condition, degraded_tokens)

@@ -1,0 +1,305 @@
+"""The one checkpoint format: save, load, export, a codec named instead of carried, and conversion of old files.
+
+A codec checkpoint:     {"format", "kind": "codec", "config": the codec's own config, "model": state dict}
+An enhancer checkpoint: {"format", "kind": "enhancer", "config": the predictor's own config, "inference": its
+                         decoding defaults, "model": state dict, "codec": a codec checkpoint's payload, or a
+                         reference {"kind": "codec_reference", "file", "tokenizer_sha256"} to a codec file beside it}
+A training checkpoint adds "training": the run's complete config, step, compute seconds, optimiser, scheduler and
+RNG states (and the discriminator); `export` drops it, keeping only "history" (step, compute seconds).
+
+Files hold only tensors and plain Python values and load with `torch.load(weights_only=True)`: loading a checkpoint
+never runs code from it. Files of the earlier format (a whole-project config per file) are converted once with
+`python checkpoint.py convert OLD NEW`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from models import ENHANCERS, build_codec, build_enhancer
+from models.codec import Codec
+from utils import UserError, atomic_write
+
+FORMAT = 2
+INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "temperature")
+
+
+# ------------------------------------------------------------------------------------------------ files
+def save(path: str | Path, payload: dict) -> None:
+    """torch.save atomically: a crash mid-write leaves the previous file intact."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load(path: str | Path, kind: str | None = None) -> dict:
+    """A checkpoint's payload; UserError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or code-carrying files
+        reason = "it holds objects other than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
+        raise UserError(f"checkpoint {path} is corrupt, not a checkpoint or not safe to load ({reason}); a file of "
+                        f"this project's earlier format converts with `python checkpoint.py convert`") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} was not written by this version of the project (no format {FORMAT}); "
+                        "convert an earlier one with `python checkpoint.py convert OLD NEW`")
+    if kind is not None and payload["kind"] != kind:
+        raise UserError(f"checkpoint {path} holds a {payload['kind']}, expected a {kind}")
+    return payload
+
+
+def codec_payload(codec: Codec) -> dict:
+    return {"format": FORMAT, "kind": "codec", "config": codec.config, "model": codec.state_dict()}
+
+
+def enhancer_payload(predictor: torch.nn.Module, codec: dict, inference: dict) -> dict:
+    """inference: the run config's `inference` section (the defaults inference.py uses with this model)."""
+    return {"format": FORMAT, "kind": "enhancer", "config": predictor.config, "model": predictor.state_dict(),
+            "inference": {k: inference[k] for k in INFERENCE_DEFAULTS_KEYS}, "codec": codec}
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _load_state(module: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """load_state_dict that turns key and shape mismatches into one-line UserErrors naming the source."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{source}: weights do not match the model built from its config ({detail})")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(f"{source}: config does not match weights at '{key}': model {tuple(own[key].shape)} vs "
+                            f"checkpoint {tuple(value.shape)}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def tokenizer_digest(payload: dict) -> str:
+    """A fingerprint of what decides a codec's tokens (its tokenizer config and weights, as float32): two codecs
+    with the same digest give the same tokens, whatever their decoders."""
+    codec_class = type(build_codec(payload["config"]))
+    digest = hashlib.sha256()
+    config = {k: payload["config"][k] for k in ("class", *codec_class.tokenizer_keys)}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for key in sorted(filter(codec_class.is_tokenizer_weight, payload["model"])):
+        digest.update(key.encode())
+        digest.update(payload["model"][key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def codec_reference(payload: dict, codec_path: Path, enhancer_path: Path) -> dict:
+    """What an enhancer at `enhancer_path` stores to name (not carry) the codec `payload` read from `codec_path`."""
+    relative = os.path.relpath(Path(codec_path).resolve(), Path(enhancer_path).resolve().parent)
+    return {"kind": "codec_reference", "file": Path(relative).as_posix(), "tokenizer_sha256": tokenizer_digest(payload)}
+
+
+def resolve_codec(payload: dict, source: str | Path) -> tuple[dict, Path]:
+    """An enhancer's codec payload (following a reference to the file it names) and the file it came from."""
+    if payload.get("kind") != "codec_reference":
+        return payload, Path(source)
+    path = Path(source).parent / payload["file"]
+    if not path.is_file():
+        raise UserError(f"{source}: its codec {path} is missing (the enhancer names it instead of carrying it)")
+    named = load(path, "codec")
+    if tokenizer_digest(named) != payload["tokenizer_sha256"]:
+        raise UserError(f"{source}: its codec {path} gives other tokens than the codec it was trained on")
+    return named, path
+
+
+def load_codec(path: str | Path) -> Codec:
+    """A codec from a codec checkpoint, or the codec of an enhancer checkpoint."""
+    payload = load(path)
+    if payload["kind"] == "enhancer":
+        return codec_from_payload(payload["codec"], path)
+    return codec_from_payload(payload, path)
+
+
+def codec_from_payload(payload: dict, source: str | Path) -> Codec:
+    payload, source = resolve_codec(payload, source)
+    codec = build_codec(payload["config"])
+    _load_state(codec, payload["model"], source)
+    return codec.eval()
+
+
+def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec, dict]:
+    """(token predictor, codec, inference defaults) from one enhancer checkpoint."""
+    payload = load(path, "enhancer")
+    codec = codec_from_payload(payload["codec"], path)
+    predictor = build_enhancer(payload["config"], codec)
+    _load_state(predictor, payload["model"], path)
+    return predictor.eval(), codec, payload["inference"]
+
+
+def load_weights(module: torch.nn.Module, payload: dict, source: str | Path) -> None:
+    """A payload's weights into a model built from the same config (resuming, --init_from)."""
+    _load_state(module, payload["model"], source)
+
+
+# ----------------------------------------------------------------------------------------------- export
+def _cast(state: dict, half: bool) -> dict:
+    return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+
+
+def export(source: Path, output: Path, half: bool = False, name_codec: Path | None = None,
+           decoding: str | None = None, temperature: float | None = None) -> dict:
+    """Slim copy of a checkpoint for inference: weights (float16 with `half`), configs, history; no training state.
+
+    name_codec: store a reference to that codec file (it must give the same tokens as the enhancer's) instead of
+    carrying the codec. decoding / temperature: the enhancer's new inference defaults.
+    """
+    payload = load(source)
+    out = {key: payload[key] for key in ("format", "kind", "config", "inference") if key in payload}
+    out["model"] = _cast(payload["model"], half)
+    training = payload.get("training", {})
+    out["history"] = payload.get("history") or {k: training[k] for k in ("step", "compute_seconds") if k in training}
+    if payload["kind"] == "enhancer":
+        codec, codec_path = resolve_codec(payload["codec"], source)
+        if name_codec is not None:
+            named = load(name_codec, "codec")
+            if tokenizer_digest(named) != tokenizer_digest(codec):
+                raise UserError(f"{name_codec} gives other tokens than the codec {source} was trained on")
+            out["codec"] = codec_reference(named, name_codec, output)
+        elif payload["codec"].get("kind") == "codec_reference":
+            out["codec"] = codec_reference(codec, codec_path, output)  # the same file, named from the new place
+        else:
+            out["codec"] = {k: codec[k] for k in ("format", "kind", "config")} | {"model": _cast(codec["model"], half)}
+        inference = dict(out["inference"])
+        inference |= {k: v for k, v in (("decoding", decoding), ("temperature", temperature)) if v is not None}
+        out["inference"] = inference
+    elif name_codec or decoding or temperature is not None:
+        raise UserError(f"{source}: --name_codec, --decoding and --temperature apply to enhancer checkpoints")
+    save(output, out)
+    return out
+
+
+DECODINGS = ("argmax", "expected")  # how predicted token distributions become a waveform (inference.Enhancer)
+
+
+def check_decoding(decoding: str, temperature: float, predictor_class: type | None) -> None:
+    """Refuse, in one line, a decoding the predictor class cannot do (None: codec copy-synthesis)."""
+    if decoding not in DECODINGS:
+        raise UserError(f"inference.decoding must be one of {', '.join(DECODINGS)}, not {decoding!r}")
+    if not temperature > 0:
+        raise UserError(f"inference.temperature must be above 0, not {temperature}")
+    if decoding == "expected" and predictor_class is not None and predictor_class is not ENHANCERS["ParaGSE"]:
+        raise UserError("decoding by expectation needs ParaGSE's independent group distributions; the serial "
+                        "baseline chooses each stage's token given the ones before")
+
+
+# ------------------------------------------------------------------------------------------- conversion
+def _legacy_codec(old: dict) -> dict:
+    """A codec payload of the earlier format (a whole-project config) in this format."""
+    config, state = old["config"], old["model"]
+    codec = config["codec"]
+    encoder, decoder, quantizer = codec["encoder"], codec["decoder"], codec["quantizer"]
+    if encoder.get("kind") == "frame_mean" and decoder.get("skip") and decoder.get("latent_rate_trunk"):
+        new_config = {"class": "MelCodec", "sample_rate": config["sample_rate"], "mel": codec["loss"]["mel"],
+                      "downsample": encoder["downsample"],
+                      "quantizer": {k: quantizer[k] for k in ("num_groups", "codebook_size")},
+                      "decoder": {k: decoder[k] for k in ("dim", "intermediate_dim", "num_blocks", "kernel_size",
+                                                          "upsample_kernel")},
+                      "griffin_lim": codec["griffin_lim"]}
+        groups = range(quantizer["num_groups"])
+        new_state = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
+        new_state["quantizer.codebooks"] = torch.stack([state[f"quantizer.quantizers.{g}.codebook.weight"]
+                                                        for g in groups]).float()
+    elif (encoder.get("kind", "convnext") == "convnext" and encoder.get("input", "mdct") == "mdct"
+          and decoder.get("output", "mdct") == "mdct" and not encoder.get("latent_rate_trunk")
+          and not decoder.get("latent_rate_trunk") and quantizer.get("projection", True)):
+        new_config = {"class": "MDCTCodec", "sample_rate": config["sample_rate"], "mdct": codec["mdct"],
+                      "encoder": {k: encoder[k] for k in ("dim", "intermediate_dim", "num_blocks", "kernel_size",
+                                                          "downsample", "latent_dim")},
+                      "decoder": {k: decoder[k] for k in ("dim", "intermediate_dim", "num_blocks", "kernel_size",
+                                                          "upsample_kernel")},
+                      "quantizer": {k: quantizer[k] for k in ("type", "num_groups", "codebook_size", "codebook_dim",
+                                                              "dead_code_threshold", "usage_decay")}}
+        new_state = dict(state)
+    else:
+        raise UserError("an experimental codec variant that this version does not build; its code is at the git tag "
+                        "experiments-2026-12")
+    return {"format": FORMAT, "kind": "codec", "config": new_config, "model": new_state}
+
+
+def convert(source: Path, output: Path) -> dict:
+    """Write a checkpoint of the earlier format (whole-project config) in this format, weights unchanged.
+
+    The earlier format needs full unpickling (weights_only=False), which can run code: convert only files you
+    trust (your own runs). A codec an enhancer names must be converted first, beside the output under the name
+    the enhancer uses.
+    """
+    old = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(old, dict) or "kind" not in old or "config" not in old or old.get("format") == FORMAT:
+        raise UserError(f"{source} is not a checkpoint of the earlier format")
+    history = {k: old[k] for k in ("step", "compute_seconds") if k in old}
+    if old["kind"] == "codec":
+        new = _legacy_codec(old) | {"history": history}
+    elif old["kind"] in ("paragse", "serial"):
+        config = old["config"]
+        enhancer = {k: v for k, v in config["enhancer"].items() if k != "train"}
+        if old["kind"] == "paragse":
+            section = {"class": "ParaGSE", **enhancer}
+        else:
+            section = {"class": "SerialEnhancer", "stft": enhancer["stft"], "conformer": enhancer["conformer"],
+                       "branch": enhancer["branch"] | {"lstm_layers": 0,
+                                                       "conformer_blocks": config["serial"]["branch_conformer_blocks"]},
+                       "generator_conformer_blocks": config["serial"]["generator_conformer_blocks"]}
+        if old["codec"].get("kind") == "codec_reference":
+            named = Path(output).parent / old["codec"]["file"]  # the converted codec, beside the output
+            codec = codec_reference(load(named, "codec"), named, output)
+        else:
+            codec = _legacy_codec(old["codec"])
+        new = {"format": FORMAT, "kind": "enhancer", "config": section, "model": old["model"],
+               "inference": {k: config["inference"][k] for k in INFERENCE_DEFAULTS_KEYS}, "codec": codec,
+               "history": history}
+    else:
+        raise UserError(f"{source}: unknown kind {old['kind']!r}")
+    save(output, new)
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Export a checkpoint for inference, or convert one of the earlier format.")
+    commands = p.add_subparsers(dest="command", required=True)
+    e = commands.add_parser("export", help="weights and configs only (no optimiser or RNG state)")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("output", type=Path)
+    e.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
+    e.add_argument("--name_codec", type=Path, help="name this codec file (same tokens) instead of carrying the "
+                                                   "codec: it must stay beside the output")
+    e.add_argument("--decoding", choices=DECODINGS, help="the enhancer's default decoding")
+    e.add_argument("--temperature", type=float, help="the enhancer's default temperature for expected decoding")
+    c = commands.add_parser("convert", help="a checkpoint of the earlier format (trusted files only) to this one")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("output", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "convert":
+            out = convert(args.checkpoint, args.output)
+        else:
+            if args.decoding or args.temperature is not None:
+                payload = load(args.checkpoint, "enhancer")
+                inference = payload["inference"]
+                check_decoding(args.decoding or inference["decoding"],
+                               inference["temperature"] if args.temperature is None else args.temperature,
+                               ENHANCERS[payload["config"]["class"]])
+            out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB ({out['config']['class']}, "
+          f"step {out['history'].get('step')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""`prepare_data.py corpus`: the offline training corpus (data/corpus) decoded from Debian packages.
+
+Speech (Allison prompts, tuxpaint stamp descriptions, fillets-ng voice acting) is split by speaker into
+train/valid/test, noise (lincity-ng, sonic-pi, tuxpaint sound effects, generated coloured noise) by recording group
+into train/test, and room impulse responses are simulated; each part gets a manifest.csv. The source packages are
+installed by scripts/make_corpus.sh.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import soundfile as sf
+
+from data_prep.common import (CONTEXT, SAMPLE_RATE, log, relative_wav, remove_stale, run_parallel, set_context,
+                              stable_hash, worker_count, write_csv)
+from degradations import signal_power, simulate_rir
+from utils import AudioError, UserError, load_audio, save_audio
+
+SPLITS = ("train", "valid", "test")
+NOISE_SPLITS = ("train", "test")
+FILLETS_MAIN_CHARACTERS = ("m", "v")  # the small and the big fish: one actor each per language, in every level
+
+
+@dataclass
+class Job:
+    """One file to decode into the corpus: kind is 'speech' or 'noise'."""
+
+    kind: str
+    src: str
+    dst: str  # relative to the corpus root
+    split: str
+    source: str
+    group: str  # speaker (speech) or noise group
+
+
+@dataclass
+class Result:
+    job: Job
+    seconds: float
+    dropped: str | None  # None, 'short', 'silent' or 'unreadable'
+    detail: str = ""
+
+
+def decode_g722(path: Path) -> np.ndarray:
+    """Asterisk's raw G.722 prompts through ffmpeg (libsndfile cannot read them) -> 16 kHz float32."""
+    if shutil.which("ffmpeg") is None:
+        raise UserError("ffmpeg is not installed (scripts/make_corpus.sh installs it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "decoded.wav"
+        proc = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "g722", "-i", str(path), "-ac", "1",
+                               "-ar", str(SAMPLE_RATE), str(wav)], capture_output=True, text=True)
+        if proc.returncode != 0 or not wav.exists():
+            reason = (proc.stderr.strip().splitlines() or ["ffmpeg failed"])[-1]
+            raise AudioError(f"cannot decode G.722 ({reason})")
+        return load_audio(wav, SAMPLE_RATE)[0]
+
+
+def _corpus_job(job: Job) -> Result:
+    ctx = CONTEXT
+    dst = ctx["output_dir"] / job.dst
+    if dst.exists():
+        info = sf.info(str(dst))
+        return Result(job, info.frames / info.samplerate, None)
+    try:
+        src = Path(job.src)
+        audio = decode_g722(src) if src.suffix == ".g722" else load_audio(src, SAMPLE_RATE)[0]
+    except AudioError as e:
+        return Result(job, 0.0, "unreadable", f"{job.src}: {e}")
+    seconds = audio.size / SAMPLE_RATE
+    if seconds < ctx["min_seconds"]:
+        return Result(job, seconds, "short")
+    if 10 * math.log10(signal_power(audio) + 1e-20) < ctx["silence_rms_db"]:
+        return Result(job, seconds, "silent")
+    peak = float(np.max(np.abs(audio)))
+    if peak > 1.0:  # some decoders overshoot; scale rather than let the PCM-16 writer clip
+        audio = audio / peak
+    save_audio(dst, audio, SAMPLE_RATE)
+    return Result(job, seconds, None)
+
+
+def split_of(source: str, speaker: str, corpus_cfg: dict) -> str:
+    """'test', 'valid' or 'train' for a speaker, from the configured glob patterns on 'source/speaker'."""
+    key = f"{source}/{speaker}"
+    in_test = any(fnmatch.fnmatchcase(key, p) for p in corpus_cfg["test_speakers"])
+    in_valid = any(fnmatch.fnmatchcase(key, p) for p in corpus_cfg["valid_speakers"])
+    if in_test and in_valid:
+        raise UserError(f"data.corpus: speaker {key} matches both valid_speakers and test_speakers")
+    return "test" if in_test else "valid" if in_valid else "train"
+
+
+def _require_dir(path: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{what} not found at {folder} (run scripts/make_corpus.sh to install the Debian packages)")
+    return folder
+
+
+def asterisk_speech(root: Path) -> list[tuple[Path, str, str, Path]]:
+    """(file, source, speaker, output relative path): every Allison prompt, one speaker."""
+    files = sorted(p for p in root.rglob("*.g722") if p.is_file())
+    return [(p, "asterisk", "en_US_f_Allison", relative_wav(p.relative_to(root))) for p in files]
+
+
+def _tuxpaint_stem(path: Path) -> str:
+    name = path.name
+    while name.lower().endswith(".ogg"):
+        name = name[:-4]
+    return name
+
+
+_LANG = r"([a-z]{2,3}(?:_[A-Za-z]{2})?)"
+
+
+def tuxpaint_languages(files: Sequence[Path]) -> dict[Path, str | None]:
+    """The language of each tuxpaint sound, or None for sound effects.
+
+    Readers are not named in the package, so the language stands for the speaker. Descriptions are
+    '<stamp>_desc[_<lang>].ogg' (no code: English). Other spoken files are '<stamp>_<lang>.ogg' (numbers,
+    letters); a suffix is taken as a language if descriptions use it, if it has the xx_YY locale form, or if
+    the same stamp has it in several languages ('apple_red' is a sound effect, '7_de'/'7_el' are speech).
+    """
+    stems = {p: _tuxpaint_stem(p) for p in files}
+    desc_languages = {m.group(1) for s in stems.values() if (m := re.search(r"_desc_" + _LANG + "$", s))}
+    variants: dict[tuple[Path, str], set[str]] = defaultdict(set)
+    for p, s in stems.items():
+        if "_desc" not in s and (m := re.search(r"_" + _LANG + "$", s)):
+            variants[(p.parent, s[:m.start()])].add(m.group(1))
+    languages: dict[Path, str | None] = {}
+    for p, s in stems.items():
+        if s.endswith("_desc"):
+            languages[p] = "en"
+        elif m := re.search(r"_desc_" + _LANG + "$", s):
+            languages[p] = m.group(1)
+        elif m := re.search(r"_" + _LANG + "$", s):
+            code = m.group(1)
+            is_language = (code in desc_languages or re.fullmatch(r"[a-z]{2}_[A-Z]{2}", code) is not None
+                           or len(variants[(p.parent, s[:m.start()])]) > 1)
+            languages[p] = code if is_language else None
+        else:
+            languages[p] = None
+    return languages
+
+
+def tuxpaint_sounds(root: Path, exclude: Sequence[str]) -> tuple[list[tuple[Path, str, str, Path]], list[Path]]:
+    """(speech items, sound-effect files). Unlabelled spoken numbers/letters (language unknown) are left out, and
+    so are effects matching `exclude` (relative-path globs: voices such as spoken dreidel letters or laughs)."""
+    files = sorted(p for p in root.rglob("*.ogg") if p.is_file())
+    speech, effects = [], []
+    for path, language in tuxpaint_languages(files).items():
+        rel = path.relative_to(root)
+        if language is not None:
+            speech.append((path, "tuxpaint", language, relative_wav(rel)))
+        elif rel.parts[:2] not in (("symbols", "alphabets"), ("symbols", "math")) and not any(
+                fnmatch.fnmatchcase(rel.as_posix(), pattern) for pattern in exclude):
+            effects.append(path)
+    return speech, effects
+
+
+def fillets_speaker(path: Path) -> str:
+    """'<lang>_m' / '<lang>_v' for the two fish (one actor each), '<lang>_other' for everyone else.
+
+    File names are '<level>-<character>-<line>.ogg' (or '<character>-<line>', '<line>-<character>'); minor
+    characters change from level to level and cannot be told apart, so they form one group per language.
+    """
+    tokens = path.stem.split("-")
+    if len(tokens) >= 3:
+        character = tokens[1]
+    elif len(tokens) == 2:
+        character = tokens[1] if tokens[1] in FILLETS_MAIN_CHARACTERS else tokens[0]
+    else:
+        character = ""
+    language = path.parent.name
+    return f"{language}_{character}" if character in FILLETS_MAIN_CHARACTERS else f"{language}_other"
+
+
+def fillets_speech(root: Path) -> list[tuple[Path, str, str, Path]]:
+    files = sorted(p for p in root.rglob("*.ogg") if p.is_file() and re.fullmatch(r"[a-z]{2}", p.parent.name))
+    return [(p, "fillets", fillets_speaker(p), Path(p.parent.parent.relative_to(root)) / relative_wav(Path(p.name)))
+            for p in files]
+
+
+def noise_group(path: Path) -> str:
+    """Variants of one recording ('TraficHigh1', 'TraficHigh2') form a group kept within one split."""
+    return re.sub(r"[_\-]?\d+$", "", path.stem) or path.stem
+
+
+def noise_sources(corpus_cfg: dict, tuxpaint_effects: list[Path]) -> dict[str, list[Path]]:
+    lincity = _require_dir(corpus_cfg["lincity_dir"], "lincity-ng-data sounds")
+    sonic_pi = _require_dir(corpus_cfg["sonic_pi_dir"], "sonic-pi-samples")
+    return {"lincity": sorted(p for p in lincity.rglob("*") if p.suffix.lower() in (".wav", ".ogg", ".flac")),
+            "sonic-pi": sorted(p for p in sonic_pi.iterdir()
+                               if any(fnmatch.fnmatchcase(p.name, pat) for pat in corpus_cfg["sonic_pi_noise"])),
+            "tuxpaint": tuxpaint_effects}
+
+
+def split_noise_groups(files: list[Path], fraction: float, seed: int, source: str) -> dict[Path, str]:
+    """A seeded `fraction` of each source's recording groups (at least one) to test, the rest to train."""
+    groups = sorted({noise_group(p) for p in files})
+    order = np.random.default_rng([seed, stable_hash(source)]).permutation(len(groups))
+    test_count = max(1, round(fraction * len(groups))) if len(groups) > 1 else 0
+    test = {groups[i] for i in order[:test_count]}
+    return {p: "test" if noise_group(p) in test else "train" for p in files}
+
+
+def colored_noise(color: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """White / pink (1/f power) / brown (1/f^2 power) Gaussian noise at -20 dBFS RMS."""
+    exponents = {"white": 0.0, "pink": 0.5, "brown": 1.0}
+    if color not in exponents:
+        raise UserError(f"data.corpus.colored_noise: unknown colour {color!r} (use {', '.join(exponents)})")
+    n = int(seconds * SAMPLE_RATE)
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+    spectrum /= np.maximum(freqs, 20.0) ** exponents[color]  # 20 Hz floor: no infinite DC
+    noise = np.fft.irfft(spectrum, n)
+    return (noise * 0.1 / np.sqrt(np.mean(noise ** 2))).astype(np.float32)
+
+
+def _rir_job(job: tuple[str, int, int]) -> tuple[str, str, dict]:
+    split, index, seed = job
+    rir, params = simulate_rir(np.random.default_rng([seed, SPLITS.index(split), index]),
+                               CONTEXT["degradation"], SAMPLE_RATE)
+    rel = f"rir/{split}/rir_{index:04d}.wav"
+    save_audio(CONTEXT["output_dir"] / rel, rir * 0.99, SAMPLE_RATE)
+    return rel, split, params
+
+
+def corpus_jobs(corpus_cfg: dict) -> list[Job]:
+    asterisk = _require_dir(corpus_cfg["asterisk_dir"], "asterisk-core-sounds-en-g722 (en_US_f_Allison)")
+    tuxpaint = _require_dir(corpus_cfg["tuxpaint_dir"], "tuxpaint-stamps-default")
+    fillets = _require_dir(corpus_cfg["fillets_dir"], "fillets-ng-data-cs / -nl")
+    tux_speech, tux_effects = tuxpaint_sounds(tuxpaint, corpus_cfg["tuxpaint_noise_exclude"])
+    jobs = []
+    for path, source, speaker, rel in asterisk_speech(asterisk) + tux_speech + fillets_speech(fillets):
+        split = split_of(source, speaker, corpus_cfg)
+        jobs.append(Job("speech", str(path), f"{split}/{source}/{speaker}/{rel.as_posix()}", split, source, speaker))
+    for source, files in noise_sources(corpus_cfg, tux_effects).items():
+        splits = split_noise_groups(files, corpus_cfg["noise_test_fraction"], corpus_cfg["seed"], source)
+        for path in files:
+            rel = path.relative_to(corpus_cfg[f"{source.replace('-', '_')}_dir"])
+            name = "_".join(relative_wav(rel).parts)
+            jobs.append(Job("noise", str(path), f"noise/{splits[path]}/{source}/{name}", splits[path], source,
+                            noise_group(path)))
+    return jobs
+
+
+def write_colored_noise(output_dir: Path, corpus_cfg: dict) -> list[list[Any]]:
+    rows = []
+    for s, split in enumerate(NOISE_SPLITS):
+        for c, color in enumerate(corpus_cfg["colored_noise"]):
+            rel = f"noise/{split}/colored/{color}.wav"
+            if not (output_dir / rel).exists():
+                rng = np.random.default_rng([corpus_cfg["seed"], 7, s, c])
+                save_audio(output_dir / rel, colored_noise(color, corpus_cfg["colored_noise_seconds"], rng))
+            rows.append([rel, split, "colored", color, corpus_cfg["colored_noise_seconds"], "generated (numpy)"])
+    return rows
+
+
+def check_disjoint(records: list[Result]) -> None:
+    """Refuse a corpus in which a speaker (or a noise group) appears in two splits."""
+    seen: dict[tuple[str, str, str], str] = {}
+    for r in records:
+        key = (r.job.kind, r.job.source, r.job.group)
+        if seen.setdefault(key, r.job.split) != r.job.split:
+            raise UserError(f"corpus: {r.job.kind} {r.job.source}/{r.job.group} is in both {seen[key]} "
+                            f"and {r.job.split}")
+
+
+def corpus_summary(kept: list[Result], rir_rows: list, colored_rows: list, dropped: dict[str, int],
+                   seconds: float, output_dir: Path) -> str:
+    lines = [f"corpus written to {output_dir} in {seconds:.0f} s"]
+    for split in SPLITS:
+        rs = [r for r in kept if r.job.kind == "speech" and r.job.split == split]
+        sources = sorted({r.job.source for r in rs})
+        speakers = {(r.job.source, r.job.group) for r in rs}
+        per_source = ", ".join(f"{s} {sum(r.seconds for r in rs if r.job.source == s) / 60:.1f} min"
+                               f" / {len({g for (src, g) in speakers if src == s})} spk" for s in sources)
+        lines.append(f"  speech {split:5s}: {sum(r.seconds for r in rs) / 60:6.1f} min, {len(rs):5d} files, "
+                     f"{len(speakers):2d} speakers/groups, {len(sources)} sources ({per_source})")
+    for split in NOISE_SPLITS:
+        rs = [r for r in kept if r.job.kind == "noise" and r.job.split == split]
+        extra = [row for row in colored_rows if row[1] == split]
+        minutes = (sum(r.seconds for r in rs) + sum(row[4] for row in extra)) / 60
+        lines.append(f"  noise  {split:5s}: {minutes:6.1f} min, {len(rs) + len(extra)} files "
+                     f"({len({(r.job.source, r.job.group) for r in rs})} recording groups + {len(extra)} coloured)")
+    lines.append(f"  rirs: {sum(1 for r in rir_rows if r[1] == 'train')} train, "
+                 f"{sum(1 for r in rir_rows if r[1] == 'test')} test (pyroomacoustics)")
+    lines.append(f"  dropped: {dropped.get('short', 0)} shorter than the minimum, {dropped.get('silent', 0)} silent, "
+                 f"{dropped.get('unreadable', 0)} unreadable")
+    return "\n".join(lines)
+
+
+def cmd_corpus(args: argparse.Namespace, config: dict) -> None:
+    """Decode the Debian packages' speech and noise into data/corpus, split by speaker, plus simulated RIRs."""
+    started = time.time()
+    corpus_cfg, output_dir = config["data"]["corpus"], Path(args.output_dir)
+    jobs = corpus_jobs(corpus_cfg)
+    workers = worker_count(config, args.num_workers)
+    context = {"output_dir": output_dir, "min_seconds": corpus_cfg["min_seconds"],
+               "silence_rms_db": corpus_cfg["silence_rms_db"], "degradation": config["data"]["degradation"]}
+    print(f"corpus: decoding {len(jobs)} files on {workers} processes ...", flush=True)
+    results = run_parallel(_corpus_job, jobs, workers, set_context, (context,))
+    kept = [r for r in results if r.dropped is None]
+    dropped: dict[str, int] = defaultdict(int)
+    for r in results:
+        if r.dropped:
+            dropped[r.dropped] += 1
+            if r.dropped == "unreadable":
+                log.warning("skipped %s", r.detail)
+    check_disjoint(kept)
+    colored_rows = write_colored_noise(output_dir, corpus_cfg)
+    rir_jobs = [(split, i, corpus_cfg["seed"]) for split in NOISE_SPLITS for i in range(corpus_cfg[f"rir_{split}"])]
+    print(f"corpus: simulating {len(rir_jobs)} room impulse responses ...", flush=True)
+    rir_rows = [[rel, split, json.dumps(params, sort_keys=True)]
+                for rel, split, params in run_parallel(_rir_job, rir_jobs, workers, set_context, (context,))]
+    keep = {(output_dir / r.job.dst).resolve() for r in kept}
+    keep |= {(output_dir / row[0]).resolve() for row in colored_rows + rir_rows}
+    stale = remove_stale(output_dir, keep, SPLITS + ("noise", "rir"))
+    if stale:
+        print(f"corpus: removed {stale} files of an earlier run that are no longer part of the corpus")
+    speech = sorted((r for r in kept if r.job.kind == "speech"), key=lambda r: r.job.dst)
+    write_csv(output_dir / "manifest.csv", ("file", "split", "source", "speaker", "seconds"),
+              ([r.job.dst, r.job.split, r.job.source, r.job.group, f"{r.seconds:.3f}"] for r in speech))
+    noise = sorted((r for r in kept if r.job.kind == "noise"), key=lambda r: r.job.dst)
+    write_csv(output_dir / "noise" / "manifest.csv", ("file", "split", "source", "group", "seconds", "original"),
+              [[r.job.dst, r.job.split, r.job.source, r.job.group, f"{r.seconds:.3f}", r.job.src] for r in noise]
+              + colored_rows)
+    write_csv(output_dir / "rir" / "manifest.csv", ("file", "split", "parameters"), rir_rows)
+    print(corpus_summary(kept, rir_rows, colored_rows, dropped, time.time() - started, output_dir))
