@@ -1,10 +1,11 @@
 """Speed benchmark: ParaGSE against the serial baseline on this CPU (whole pipeline, random seeded weights).
 
-    python benchmark.py [--config config.json] [--threads 2] [--seconds 10] [--repeats 5] [--lengths 5,10,60,600]
-                        [--batch_sizes 1,4] [--quantize] [--json out.json] [--skip_serial]
+    python benchmark.py [--config config.json] [--serial_config configs/serial.json] [--threads 2] [--seconds 10]
+                        [--repeats 5] [--lengths 5,10,60,600] [--batch_sizes 1,4] [--quantize] [--json out.json]
+                        [--skip_serial]
 
-Both systems are built at the given configuration: ParaGSE on the group-VQ codec, the serial (UDSE-style) baseline
-on the same codec with a residual VQ (codec.quantizer.type = "rvq"). Weights are random (seeded), which is all a
+ParaGSE is built at --config (the paper's by default) on its group-VQ codec; the serial (UDSE-style) baseline at
+--serial_config, the same codec with a residual VQ. Weights are random (seeded), which is all a
 speed measurement needs. The audio is a real speech clip from examples/clean tiled to length (or, without one, a
 seeded noise signal with a speech-like envelope). Timings run under torch.inference_mode after a warm-up call;
 each figure is the median over --repeats, with the measured stages and systems interleaved round-robin so that a
@@ -33,34 +34,30 @@ second: 0.02 GFLOP per audio second), negligible.
 """
 from __future__ import annotations
 
+import cpu_speed  # first: it sets the OpenMP wait policy before torch loads
+
+import argparse
+import copy
+import json
 import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-# The same thread policy as inference.py (see the comment there); libgomp reads it when torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import inference  # noqa: E402
-from models.codec import Codec  # noqa: E402
-from models.conformer import GroupedBiLSTM  # noqa: E402
-from models.int8 import quantize_predictor  # noqa: E402
-from models.paragse import ParaGSE, stft_features  # noqa: E402
-from models.serial import SerialEnhancer  # noqa: E402
-from utils import REPO_ROOT, UserError, count_parameters, load_audio, load_config, seed_everything  # noqa: E402
+import inference
+from models import Codec, build_codec, build_enhancer
+from models.conformer import GroupedBiLSTM
+from models.int8 import quantize_predictor
+from utils import REPO_ROOT, UserError, count_parameters, load_audio, load_config, seed_everything
 
 SEED = 0
 STAGES = ("stft", "encoder", "stft_encoder", "predictor", "decoder", "total")
@@ -90,13 +87,6 @@ def benchmark_audio(seconds: float, sample_rate: int, offset: int = 0) -> np.nda
     return (0.1 * envelope * rng.standard_normal(length)).astype(np.float32)
 
 
-def serial_config(config: dict) -> dict:
-    """The serial baseline's configuration: the same, with a residual VQ codec."""
-    config = copy.deepcopy(config)
-    config["codec"]["quantizer"]["type"] = "rvq"
-    return config
-
-
 @dataclass
 class System:
     name: str
@@ -106,27 +96,26 @@ class System:
 
 
 def build_system(name: str, config: dict) -> System:
-    """A codec and token predictor with seeded random weights, wrapped in the inference pipeline."""
+    """A codec and token predictor with seeded random weights, wrapped in the inference pipeline as inference.py
+    runs it (independent work as concurrent tasks, cpu_speed)."""
     seed_everything(SEED)
-    codec = Codec.from_config(config).eval()
-    if name == "serial":
-        predictor = SerialEnhancer(config, codec).eval()
-    else:
-        predictor = ParaGSE(config, codec.num_streams, codec.codebook_size).eval()
+    codec = build_codec(config["codec"], config["sample_rate"]).eval()
+    predictor = build_enhancer(config["enhancer"], codec).eval()
     return System(name, codec, predictor, make_enhancer(codec, predictor, config))
 
 
 def make_enhancer(codec: Codec, predictor: torch.nn.Module | None, config: dict) -> inference.Enhancer:
     window = config["inference"]
     return inference.Enhancer(codec, predictor, torch.device("cpu"), window["window_seconds"],
-                              window["overlap_seconds"])
+                              window["overlap_seconds"]).parallelize()
 
 
 # ---------------------------------------------------------------------------------------- sizes and FLOPs
 def parameter_counts(system: System) -> dict[str, int]:
     codec = system.codec
-    counts = {"predictor": count_parameters(system.predictor), "codec_encoder": count_parameters(codec.encoder),
-              "quantizer": count_parameters(codec.quantizer), "codec_decoder": count_parameters(codec.decoder)}
+    counts = {"predictor": count_parameters(system.predictor), "quantizer": count_parameters(codec.quantizer),
+              "codec_decoder": count_parameters(codec.decoder)}
+    counts["codec_encoder"] = count_parameters(codec) - counts["quantizer"] - counts["codec_decoder"]
     counts["total"] = sum(counts.values())
     return counts
 
@@ -171,21 +160,21 @@ def counted_flops(fn: Callable[[], object], threads: int) -> int:
 # ----------------------------------------------------------------------------------------------- timings
 def stage_functions(system: System, wav: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Zero-argument calls for each stage of `system` on the batch `wav` (batch, samples), inputs precomputed."""
-    codec, predictor, config = system.codec, system.predictor, system.predictor.config
+    codec, predictor = system.codec, system.predictor
     with torch.inference_mode():
         padded = codec.pad(wav)
-        features = stft_features(padded, config)
+        features = predictor.features(padded)
         degraded_tokens = codec.encode(padded)
-        tokens = predictor.tokens_from_condition(predictor.condition(padded), degraded_tokens)
+        tokens = predictor.predict(predictor.condition(padded), degraded_tokens).argmax(-1)
 
     def stft_encoder() -> object:
-        return stft_features(padded, config), codec.encode(padded)
+        return predictor.features(padded), codec.encode(padded)
 
     return {
-        "stft": lambda: stft_features(padded, config),
+        "stft": lambda: predictor.features(padded),
         "encoder": lambda: codec.encode(padded),
         "stft_encoder": stft_encoder,
-        "predictor": lambda: predictor.tokens_from_condition(predictor.branch(features), degraded_tokens),
+        "predictor": lambda: predictor.predict(predictor.branch(features), degraded_tokens).argmax(-1),
         "decoder": lambda: codec.decode(tokens, wav.shape[-1]),
         "total": lambda: system.enhancer.enhance_batch(wav),
     }
@@ -331,7 +320,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     config = load_config(args.config)
     started_load = load_average()
     names = ["parallel"] + ([] if args.skip_serial else ["serial"])
-    systems = [build_system(name, config if name == "parallel" else serial_config(config)) for name in names]
+    systems = [build_system(name, config if name == "parallel" else load_config(args.serial_config))
+               for name in names]
     parallel = systems[0]
     rate = parallel.codec.sample_rate
     wav = torch.from_numpy(benchmark_audio(args.seconds, rate))[None]
@@ -437,6 +427,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch_sizes", type=positive_list(int), default=[1, 4], help="batch sizes for throughput")
     p.add_argument("--quantize", action="store_true", help="also measure int8 dynamic quantisation")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--serial_config", default=REPO_ROOT / "configs" / "serial.json",
+                   help="the serial baseline's configuration (default: configs/serial.json, the paper's)")
     p.add_argument("--skip_serial", action="store_true", help="time ParaGSE only")
     p.add_argument("--_length_probe", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -447,7 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.allocator_tuned = inference.keep_freed_memory()  # as inference.py's command line does
+    args.allocator_tuned = cpu_speed.enable()  # as inference.py's command line does
     try:
         if args._length_probe is not None:
             torch.set_num_threads(args.threads)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+import checkpoint
 import evaluate
 import inference
-from models.codec import Codec
-from utils import REPO_ROOT, UserError, load_checkpoint, validate_config
+from utils import REPO_ROOT, UserError, atomic_write
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -64,9 +63,7 @@ def report(rows_enhanced: list[dict], rows_codec: list[dict], checkpoint: Path, 
         "",
     ]
     path = output_dir / "report.md"
-    with tempfile.NamedTemporaryFile("w", dir=output_dir, delete=False, suffix=".tmp") as f:
-        f.write("\n".join(lines))
-    Path(f.name).replace(path)
+    atomic_write(path, "\n".join(lines).encode())
     return path
 
 
@@ -79,11 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     out = args.output_dir
     try:
+        decoding = checkpoint.load(args.checkpoint, "enhancer")["inference"]
         enhance(args.checkpoint, EXAMPLES / "degraded", out / "enhanced")
-        codec_path = out / "codec.pt"
-        Codec.load(args.checkpoint).save(codec_path)  # the codec inside the enhancer checkpoint
-        enhance(codec_path, EXAMPLES / "clean", out / "codec", codec_only=True)
-        codec_path.unlink()
+        enhance(args.checkpoint, EXAMPLES / "clean", out / "codec", codec_only=True)  # through the enhancer's codec
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             [EXAMPLES / "degraded" / rel, out / "enhanced" / rel, EXAMPLES / "clean" / rel.name],
             [f"degraded ({rel.parent.name})", "enhanced", "clean"], png)
         figures.append(png)
-    decoding = validate_config(load_checkpoint(args.checkpoint)["config"])["inference"]
     path = report(rows_enhanced, rows_codec, args.checkpoint, figures, out, decoding)
     print(f"\nenhanced audio: {out / 'enhanced'}\ncodec copy-synthesis: {out / 'codec'}\n"
           f"report: {path}\nfigures: {out / 'figures'}")
