@@ -1,13 +1,20 @@
 """Choose how a ParaGSE turns its predicted token distributions into speech, on validation speech only.
 
-    python scripts/choose_temperature.py --checkpoint runs/demo_split_vq_paragse/checkpoint_00010500.pt \
+    python research/choose_temperature.py --checkpoint runs/demo_paragse/checkpoint_00020000.pt \
         --valid_dir data/corpus/valid --noise_dir data/corpus/noise/train --rir_dir data/corpus/rir/train \
-        --files 40 --temperatures 1.0 0.6 0.45 0.3
+        --files 40 --temperatures 1.0 0.8 0.6 0.45 0.3
 
 Degrades --files evenly spaced validation files on the fly (the training recipe's `data.degradation`, seed 0, so
 the same pairs every time), enhances each with arg-max decoding and with decoding by expectation at every
-temperature (inference.Enhancer), and prints mean PESQ and ESTOI per degradation and overall. Pick the temperature
-here, then store it with `scripts/export_model.py --decoding expected --temperature T`; never pick it on test data.
+temperature (inference.Enhancer with decoding "expected" and that temperature), and prints mean PESQ and ESTOI per
+degradation and overall. Pick the temperature here, then store it with
+`python checkpoint.py export CHECKPOINT OUT --decoding expected --temperature T`; never pick it on test data.
+
+The recipe: a training checkpoint carries its run's config (under "training"), whose `data` section is used; an
+exported one carries none, so the project's defaults (config.json's `data`) are used, and a line says so.
+
+This file lives in research/, beside the project's modules rather than inside a package, so it puts the repository
+root (the parent of research/) on sys.path before importing them.
 """
 from __future__ import annotations
 
@@ -16,16 +23,36 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: see the module docstring
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cpu_speed  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy, as in inference.py)
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
 import dataset as data  # noqa: E402
 from inference import Enhancer  # noqa: E402
 from metrics import MetricError, score_pair  # noqa: E402
-from models import load_enhancer  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, load_config  # noqa: E402
+
+
+def recipe_data(path: Path) -> tuple[dict, str]:
+    """(the `data` config section the checkpoint's predictor was trained with, where it came from)."""
+    payload = checkpoint.load(path, "enhancer")
+    run_config = (payload.get("training") or {}).get("config")
+    if run_config is not None:
+        return run_config["data"], "the checkpoint's training config"
+    return load_config()["data"], "config.json (an exported checkpoint keeps no training config)"
+
+
+def build_enhancers(path: Path, temperatures: list[float]) -> tuple[list[tuple[str, float]], list[Enhancer]]:
+    """One Enhancer per decoding, all sharing one loaded predictor and codec: arg-max, then expectation at each T."""
+    predictor, codec, defaults = checkpoint.load_enhancer(path)
+    decodings = [("argmax", 1.0)] + [("expected", t) for t in temperatures]
+    enhancers = [Enhancer(codec, predictor, torch.device("cpu"), defaults["window_seconds"],
+                          defaults["overlap_seconds"], decoding=d, temperature=t) for d, t in decodings]
+    return decodings, enhancers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,17 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=40)
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.6, 0.45, 0.3])
     args = p.parse_args(argv)
+    if args.files < 1:
+        print("error: --files must be at least 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     try:
-        predictor, codec = load_enhancer(args.checkpoint)
-        inf = predictor.config["inference"]
-        decodings = [("argmax", 1.0)] + [("expected", t) for t in args.temperatures]
-        enhancers = [Enhancer(codec, predictor, torch.device("cpu"), inf["window_seconds"], inf["overlap_seconds"],
-                              decoding=d, temperature=t) for d, t in decodings]
-        pairs = data.DegradedDataset(args.valid_dir, args.noise_dir, args.rir_dir, predictor.config["data"], None, 0)
+        config_data, source = recipe_data(args.checkpoint)
+        decodings, enhancers = build_enhancers(args.checkpoint, args.temperatures)
+        sample_rate = enhancers[0].sample_rate
+        pairs = data.DegradedDataset(args.valid_dir, args.noise_dir, args.rir_dir, config_data, None, 0, sample_rate)
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"degradation recipe from {source}", file=sys.stderr)
     stride = max(1, len(pairs) // args.files)
     scores: dict[str, list[list[float]]] = defaultdict(list)
     for index in range(0, stride * min(args.files, len(pairs)), stride):
@@ -55,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         row = []
         try:
             for signal in [degraded] + [enhancer(degraded).audio for enhancer in enhancers]:
-                metrics = score_pair(signal, clean, codec.sample_rate, dnsmos=False)
+                metrics = score_pair(signal, clean, sample_rate, dnsmos=False)
                 row += [metrics["pesq"], metrics["estoi"]]
         except MetricError as e:
             print(f"skipped validation file {index}: {e}", file=sys.stderr)

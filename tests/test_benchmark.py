@@ -12,14 +12,24 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
+import checkpoint
+import cpu_speed
 import inference
 from conftest import EXAMPLES, REPO, TINY_CONFIG
-from models.codec import Codec
-from models.conformer import GroupedBiLSTM, GroupedLinear, split_groups
+from models import build_codec, build_enhancer
+from models.conformer import GroupedBiLSTM, GroupedLinear
 from models.int8 import QuantizedGroupedBiLSTM, QuantizedGroupedLinear
-from models.paragse import ParaGSE
-from models.serial import SerialEnhancer
-from utils import load_audio, load_config, save_audio, save_checkpoint, seed_everything
+from utils import load_audio, load_config, save_audio, seed_everything
+
+TINY_SERIAL_CONFIG = REPO / "configs" / "tiny_serial.json"
+
+
+def tiny_system(config_path=TINY_CONFIG):
+    """(codec, predictor) of a configuration, seeded random weights, in eval mode."""
+    config = load_config(config_path)
+    seed_everything(0)
+    codec = build_codec(config["codec"], config["sample_rate"]).eval()
+    return codec, build_enhancer(config["enhancer"], codec).eval()
 
 REQUIRED = ("rtf_parallel", "rtf_serial", "speedup", "rtf_bound", "params_parallel", "params_serial",
             "gflops_per_second_parallel", "gflops_per_second_serial", "matmul_gflops", "threads", "stages_parallel",
@@ -29,7 +39,8 @@ REQUIRED = ("rtf_parallel", "rtf_serial", "speedup", "rtf_bound", "params_parall
 def test_benchmark_end_to_end_on_the_tiny_configuration(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PARAGSE_EXAMPLES": str(EXAMPLES)}
-    done = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--config", str(TINY_CONFIG), "--lengths",
+    done = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--config", str(TINY_CONFIG),
+                           "--serial_config", str(TINY_SERIAL_CONFIG), "--lengths",
                            "2,4", "--seconds", "2", "--repeats", "1", "--quantize", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -88,95 +99,73 @@ def _with_threads(threads: int, fn):
 
 
 def test_concurrent_inference_is_bit_identical_to_the_sequential_path(speech):
-    """With 2 threads the groups, LSTM directions and encoder/branch run as concurrent tasks; with 1 thread every
-    module takes its original sequential path. Logits and tokens must be identical, bit for bit; the audio too up to
-    the decoder's fast path, whose sums may split differently over 1 or 2 threads."""
-    config = load_config(TINY_CONFIG)
-    seed_everything(0)
-    codec = Codec.from_config(config).eval()
-    model = ParaGSE(config, codec.num_streams, codec.codebook_size).eval()
+    """inference.py runs the codec encoder and the degraded branch as two concurrent tasks, and the token groups
+    as one task per thread (cpu_speed); the plain model runs everything in order on one thread. Logits and tokens
+    must be identical, bit for bit; the audio too up to the decoder's sums, which 1 or 2 threads may split
+    differently."""
+    codec, model = tiny_system()
     _nontrivial_norms(model)
     wav = torch.from_numpy(np.stack([speech[:24000], speech[8000:32000]]))
     padded = codec.pad(wav)
-    enhancer = inference.Enhancer(codec, model, torch.device("cpu"), window_seconds=60, overlap_seconds=1)
+    with torch.inference_mode():
+        plain_logits = model(padded, codec.encode(padded))
+    plain = inference.Enhancer(codec, model, torch.device("cpu"), window_seconds=60, overlap_seconds=1)
 
     def run():
-        tokens = codec.encode(padded)
-        return model(padded, tokens), enhancer.enhance_batch(wav)
+        return plain.enhance_batch(wav)
 
-    (logits_1, (audio_1, tokens_1)), (logits_2, (audio_2, tokens_2)) = _with_threads(1, run), _with_threads(2, run)
-    assert torch.equal(logits_1, logits_2) and torch.equal(tokens_1, tokens_2)
+    audio_1, tokens_1 = _with_threads(1, run)
+    concurrent = inference.Enhancer(codec, model, torch.device("cpu"), window_seconds=60, overlap_seconds=1)
+    _with_threads(2, concurrent.parallelize)  # one part of the groups per thread
+    assert isinstance(model.token_branches, cpu_speed.ConcurrentTokenBranches)
+
+    def run_concurrent():
+        with torch.inference_mode():
+            return model(padded, codec.encode(padded)), concurrent.enhance_batch(wav)
+
+    logits_2, (audio_2, tokens_2) = _with_threads(2, run_concurrent)
+    assert torch.equal(plain_logits, logits_2) and torch.equal(tokens_1, tokens_2)
     assert (audio_1 - audio_2).abs().max() < 1e-5
-    assert torch.equal(tokens_1, logits_1.argmax(-1))  # the pipeline predicts what the model's logits say
+    assert torch.equal(tokens_1, plain_logits.argmax(-1))  # the pipeline predicts what the model's logits say
 
 
-def test_bidirectional_lstm_split_by_direction_equals_the_fused_kernel():
-    seed_everything(0)
-    lstm = GroupedBiLSTM(1, 12, 8, 2).eval()
-    x = torch.randn(1, 2, 40, 12)
-    with torch.inference_mode():
-        assert torch.equal(lstm._group_by_direction(x[0], 0), lstm._group(x[0], 0))
-
-
-def test_serial_pipeline_split_matches_predict_tokens(speech):
-    config = load_config(TINY_CONFIG)
-    config["codec"]["quantizer"]["type"] = "rvq"
-    seed_everything(0)
-    codec = Codec.from_config(config).eval()
-    model = SerialEnhancer(config, codec).eval()
+def test_serial_predict_is_its_own_argmax_chain(speech):
+    """At inference each serial stage conditions on the stages before it as predicted: teacher-forcing the model
+    on its own predicted tokens must give the same logits."""
+    codec, model = tiny_system(TINY_SERIAL_CONFIG)
     padded = codec.pad(torch.from_numpy(speech[:16000])[None])
     with torch.inference_mode():
         tokens = codec.encode(padded)
-        assert torch.equal(model.tokens_from_condition(model.condition(padded), tokens),
-                           model.predict_tokens(padded, tokens))
+        logits = model.predict(model.condition(padded), tokens)
+        assert torch.equal(model(padded, tokens, logits.argmax(-1)), logits)
 
 
-def test_fast_decoder_path_matches_the_exact_path_and_encoder_stays_exact(speech):
-    """The decoder's frames-last, fused-GRN path changes only rounding; the encoder (tokens) keeps the exact one."""
-    seed_everything(0)
-    codec = Codec.from_config(load_config()).eval()
-    _nontrivial_norms(codec)
-    assert codec.encoder.trunk.exact and not codec.decoder.trunk.exact
-    with torch.inference_mode():
-        tokens = codec.encode(torch.from_numpy(np.stack([speech[:31960], speech[4000:35960]])))
-        fast = codec.decode(tokens)
-        codec.decoder.trunk.exact = True
-        exact = codec.decode(tokens)
-    assert (fast - exact).abs().max() < 1e-5
-    with torch.no_grad():  # with gradients off but outside inference mode the fast path runs too
-        codec.decoder.trunk.exact = False
-        assert (codec.decode(tokens) - exact).abs().max() < 1e-5
-
-
-def test_quantized_grouped_modules_approximate_the_float_ones_per_group_part():
+def test_quantized_grouped_modules_approximate_the_float_ones():
     seed_everything(0)
     linear, lstm = GroupedLinear(3, 16, 24), GroupedBiLSTM(3, 16, 8, 2).eval()
     x = torch.randn(3, 2, 20, 16)
     q_linear, q_lstm = QuantizedGroupedLinear(linear), QuantizedGroupedBiLSTM(lstm)
-    part = slice(1, 3)
     with torch.inference_mode():
-        for reference, quantized in ((linear(x), q_linear(x)), (lstm(x), q_lstm(x)),
-                                     (linear(x[part], part), q_linear(x[part], part)),
-                                     (lstm(x[part], part), q_lstm(x[part], part))):
+        for reference, quantized in ((linear(x), q_linear(x)), (lstm(x), q_lstm(x))):
             assert quantized.shape == reference.shape
             assert (quantized - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 def test_split_groups_covers_every_group_once():
-    assert split_groups(4, 2) == [slice(0, 2), slice(2, 4)]
-    assert split_groups(1, 2) == [slice(0, 1)]
-    assert split_groups(5, 3) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    assert cpu_speed.split_groups(4, 2) == [slice(0, 2), slice(2, 4)]
+    assert cpu_speed.split_groups(1, 2) == [slice(0, 1)]
+    assert cpu_speed.split_groups(5, 3) == [slice(0, 2), slice(2, 3), slice(3, 5)]
 
 
 def test_inference_quantize_flag_enhances_a_folder(tmp_path, speech):
+    codec, model = tiny_system()
     config = load_config(TINY_CONFIG)
-    seed_everything(0)
-    codec = Codec.from_config(config)
-    model = ParaGSE(config, codec.num_streams, codec.codebook_size)
-    save_checkpoint(tmp_path / "paragse.pt", model.checkpoint_payload(codec.checkpoint_payload()))
-    save_audio(tmp_path / "in" / "clip.wav", speech[:20000])
-    argv = ["--input_dir", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "paragse.pt"), "--device", "cpu"]
+    checkpoint.save(tmp_path / "paragse.pt", checkpoint.enhancer_payload(model, checkpoint.codec_payload(codec),
+                                                                         config["inference"]))
+    save_audio(tmp_path / "in" / "clip.wav", speech[:20000], 16000)
+    argv = ["--input_dir", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "paragse.pt"), "--device", "cpu",
+            "--threads", "2"]
     assert inference.main(argv + ["--output_dir", str(tmp_path / "int8"), "--quantize", "--save_tokens"]) == 0
-    assert load_audio(tmp_path / "int8" / "clip.wav")[0].shape == (20000,)
-    assert np.load(tmp_path / "int8" / "clip.tokens.npy").shape[0] == codec.num_streams
+    assert load_audio(tmp_path / "int8" / "clip.wav", 16000)[0].shape == (20000,)
+    assert np.load(tmp_path / "int8" / "clip.tokens.npy").shape[0] == codec.num_groups
     assert inference.main(argv + ["--output_dir", str(tmp_path / "codec"), "--codec_only", "--quantize"]) == 2
