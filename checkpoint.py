@@ -25,7 +25,7 @@ import torch
 
 from models import ENHANCERS, build_codec, build_enhancer
 from models.codec import Codec
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, run_command
 
 FORMAT = 2
 INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "temperature")
@@ -282,20 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("checkpoint", type=Path)
     c.add_argument("output", type=Path)
     args = p.parse_args(argv)
-    try:
-        if args.command == "convert":
-            out = convert(args.checkpoint, args.output)
-        else:
-            if args.decoding or args.temperature is not None:
-                payload = load(args.checkpoint, "enhancer")
-                inference = payload["inference"]
-                check_decoding(args.decoding or inference["decoding"],
-                               inference["temperature"] if args.temperature is None else args.temperature,
-                               ENHANCERS[payload["config"]["class"]])
-            out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        out = convert(args.checkpoint, args.output)
+    else:
+        if args.decoding or args.temperature is not None:
+            payload = load(args.checkpoint, "enhancer")
+            inference = payload["inference"]
+            check_decoding(args.decoding or inference["decoding"],
+                           inference["temperature"] if args.temperature is None else args.temperature,
+                           ENHANCERS[payload["config"]["class"]])
+        out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature)
     print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB ({out['config']['class']}, "
           f"step {out['history'].get('step')})")
     return 0

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from metrics import DEGRADED_PREFIX, METRICS, POWER_FLOOR, SAMPLE_RATE, Job, power_spectrogram, score_jobs
-from utils import AUDIO_EXTENSIONS, UserError, find_audio_files, load_audio
+from utils import AUDIO_EXTENSIONS, UserError, atomic_write, find_audio_files, load_audio, run_command
 
 
 # ----------------------------------------------------------------------------------------- pairing files
@@ -168,16 +168,11 @@ def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["file", "condition", *metric_columns(rows), "notes", "error"]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows(rows)  # floats keep full precision (repr), so re-reading gives the same numbers
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(rows)  # floats keep full precision (repr), so re-reading gives the same numbers
+    atomic_write(path, text.getvalue().encode())
     return path
 
 
@@ -284,15 +279,7 @@ def plot_spectrograms(
         figure.suptitle(suptitle, fontsize=11)
 
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out_png, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     return out_png
 
 
@@ -392,13 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

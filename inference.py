@@ -29,7 +29,7 @@ from checkpoint import check_decoding, load_codec, load_enhancer
 from models.codec import Codec
 from models.int8 import quantize_predictor
 from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, load_config, resolve_device,
-                   save_audio)
+                   run_command, save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
@@ -284,13 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cpu_speed.enable()
-    try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

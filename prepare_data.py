@@ -20,7 +20,7 @@ from data_prep.corpus import cmd_corpus
 from data_prep.examples import cmd_examples
 from data_prep.testsets import cmd_testsets
 from data_prep.voicebank import cmd_voicebank
-from utils import UserError, load_config
+from utils import load_config, run_command
 
 
 # ======================================================================================================= CLI
@@ -57,12 +57,7 @@ COMMANDS = {"voicebank": cmd_voicebank, "testsets": cmd_testsets, "corpus": cmd_
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        COMMANDS[args.command](args, load_config(args.config))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: COMMANDS[args.command](args, load_config(args.config)) or 0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,18 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad config, bad checkpoint); printed as one line, exit code 2."""
+
+
+def run_command(command: Callable[[], int], debug: bool = False) -> int:
+    """A command-line tool's body: a UserError becomes one line on stderr and exit code 2 (its traceback with
+    `debug`)."""
+    try:
+        return command()
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 class AudioError(Exception):

@@ -3,11 +3,11 @@ context, atomic CSVs, stale-file removal, and degradation of files written to di
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import multiprocessing
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -16,11 +16,11 @@ import numpy as np
 
 from dataset import load_bank
 from degradations import AudioBank, degrade
-from utils import UserError
+from utils import UserError, atomic_write, load_config
 
 log = logging.getLogger("paragse.prepare")
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = load_config()["sample_rate"]  # config.json, the one place it is set
 
 
 def relative_wav(rel: Path) -> Path:
@@ -63,17 +63,11 @@ def set_context(context: dict) -> None:
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """CSV written atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue().encode())
 
 
 def read_csv(path: Path) -> list[dict]:

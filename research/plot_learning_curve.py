@@ -1,15 +1,20 @@
 """Plot held-out validation scores of training runs against compute hours, from their log.csv files.
 
-    python scripts/plot_learning_curve.py training/demo_codec/log.csv figures/demo_codec_learning_curve.png
-    python scripts/plot_learning_curve.py training/demo_codec/log.csv figures/demo_codec_learning_curve.png \
-        --more training/demo_decoder/log.csv --labels "codec" "decoder fine-tuning"
+    python research/plot_learning_curve.py training/demo_codec/log.csv figures/demo_codec_learning_curve.png \
+        --more training/demo_codec/test_log.csv --labels "demo codec" "demo codec"
+    python research/plot_learning_curve.py training/demo_paragse/stage1_log.csv \
+        figures/demo_paragse_learning_curve.png --more training/demo_paragse/log.csv \
+        --labels "ParaGSE, first 10,500 steps (previous codec)" "ParaGSE on the demo codec" \
+        --title "ParaGSE validation during training"
 
-Several logs share the axes: a run started with --init_from carries its parent's compute hours, so it continues
-the curve from the point it branched off. Scores of the held-out test split, logged at checkpoints by
-`scripts/codec_copy_synthesis.py --log_csv` (keys test/...), are drawn dashed beside the validation split's:
+A log.csv (runs.RunLog) has columns step, compute_hours, key, value. Several logs share the axes: a run started
+with --init_from carries its parent's compute hours, so it continues the curve from the point it branched off (the
+demo ParaGSE's log.csv continues its stage1_log.csv). Scores of the held-out test split, logged at checkpoints by
+`research/codec_copy_synthesis.py --log_csv` (keys test/...), are drawn dashed beside the validation split's (keys
+valid/...); give a test log the same label as its run to draw both in the run's colour.
 
-    python scripts/plot_learning_curve.py training/demo_split_vq_codec/log.csv figures/demo_codec_learning_curve.png \
-        --more training/demo_split_vq_codec/test_log.csv --labels "split-VQ codec" "split-VQ codec"
+This tool reads CSV files only and imports nothing from the project, so unlike the other research/ tools it does
+not put the repository root on sys.path (and starts without loading torch).
 """
 from __future__ import annotations
 
@@ -26,23 +31,36 @@ PANELS = [("pesq", "PESQ (wide-band)"), ("estoi", "ESTOI"), ("dnsmos_ovrl", "DNS
           ("mel_l1", "log-mel L1"), ("mdct_correlation_below_1khz", "MDCT correlation < 1 kHz (phase)"),
           ("accuracy", "token accuracy")]
 SPLITS = {"valid": ("valid split", "-", "o"), "test": ("held-out test split", "--", "s")}  # label, line, marker
+LOG_COLUMNS = ("step", "compute_hours", "key", "value")
+
+Series = dict[str, list[tuple[float, int, float]]]
 
 
-def read_log(path: Path) -> dict[str, list[tuple[float, int, float]]]:
+class LogError(ValueError):
+    """A log that cannot be drawn; the message names the file and the reason."""
+
+
+def read_log(path: Path) -> Series:
     """key -> [(compute_hours, step, value)], in log order (a resumed run appends after the last point)."""
-    series: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
+    series: Series = defaultdict(list)
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            series[row["key"]].append((float(row["compute_hours"]), int(row["step"]), float(row["value"])))
+        reader = csv.DictReader(f)
+        if not set(LOG_COLUMNS) <= set(reader.fieldnames or ()):
+            raise LogError(f"{path} is not a training log (needs columns {', '.join(LOG_COLUMNS)})")
+        for line, row in enumerate(reader, start=2):
+            try:
+                series[row["key"]].append((float(row["compute_hours"]), int(row["step"]), float(row["value"])))
+            except (TypeError, ValueError):
+                raise LogError(f"{path} line {line}: not a step, compute hours and value") from None
     return series
 
 
-def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
-    """runs: [(label, series of read_log)], drawn over each other."""
+def plot(runs: list[tuple[str, Series]], out: Path, title: str) -> Path:
+    """runs: [(label, series of read_log)], drawn over each other; runs with one label share a colour."""
     panels = [(metric, label) for metric, label in PANELS
               if any(series.get(f"{split}/{metric}") for _, series in runs for split in SPLITS)]
     if not panels:
-        raise SystemExit("error: the logs have no validation or test scores yet (valid/... or test/... keys)")
+        raise LogError("the logs have no validation or test scores yet (valid/... or test/... keys)")
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.6 * columns, 3.4 * rows), layout="constrained")
@@ -67,7 +85,7 @@ def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
+    tmp = out.with_suffix(".tmp.png")  # then a rename: a crash never leaves half a figure under the real name
     fig.savefig(tmp, dpi=110)
     tmp.replace(out)
     return out
@@ -90,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         if not log.is_file():
             print(f"error: log not found: {log}", file=sys.stderr)
             return 2
-    print(plot([(label, read_log(log)) for label, log in zip(labels, logs)], args.output_png, args.title))
+    try:
+        print(plot([(label, read_log(log)) for label, log in zip(labels, logs)], args.output_png, args.title))
+    except LogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

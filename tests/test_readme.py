@@ -37,10 +37,9 @@ SUBSTITUTIONS = [  # (pattern, replacement), applied in order to each command
     (r"^tensorboard --logdir", f"{sys.executable} -m tensorboard.main --inspect --logdir"),
     # The paper configuration trains at ~13 CPU-s a step; the tiny one keeps every code path.
     (r"--config config\.json", "--config configs/tiny.json"),
-    (r"--config configs/rvq\.json", "--config tiny_rvq.json"),
+    (r"--config configs/serial\.json", "--config configs/tiny_serial.json"),
     # k-means of 16 x 1,024 codes on 4,096 segments takes minutes; the stand-in fits them on 64 segments.
-    (r"--config configs/demo_split_vq_codec\.json", "--config small_split_vq.json"),
-    (r"^git show \S+:(\S+) > ", r"cp \1 "),  # the scratch folder is no git clone; the file stands in for its past
+    (r"--config configs/demo_codec\.json", "--config small_demo_codec.json"),
     (r"checkpoint_00700000\.pt", f"checkpoint_{TRAINING_STEPS:08d}.pt"),
     (r"--train_degraded_dir \.\.\. --train_clean_dir \.\.\.",
      "--train_degraded_dir vb16k/noisy_trainset_28spk_wav --train_clean_dir vb16k/clean_trainset_28spk_wav"),
@@ -76,24 +75,8 @@ def substitute(command: str, workspace: Path) -> str:
         if not (workspace / named).exists():
             command = command.replace(named, str(sorted((workspace / named).parent.glob("checkpoint_*.pt"))[-1]))
     if " train.py " in command:
-        command += f" --max_steps {max_steps_for(command)} --threads 1"
+        command += f" --max_steps {TRAINING_STEPS} --threads 1"
     return command
-
-
-def committed(path: Path) -> bool:
-    """Whether git tracks `path`: checkpoints a developer has locally but a fresh clone lacks must not count."""
-    done = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=REPO, capture_output=True)
-    return done.returncode == 0
-
-
-def max_steps_for(command: str) -> int:
-    """A few steps past wherever the run's checkpoint folder already is (the model card resumes a committed run)."""
-    argv = shlex.split(command)
-    folder = Path(argv[argv.index("--checkpoint_dir") + 1])
-    committed_checkpoints = (sorted(filter(committed, (REPO / folder).glob("checkpoint_*.pt")))
-                             if not folder.is_absolute() else [])
-    start = int(committed_checkpoints[-1].stem.split("_")[1]) if committed_checkpoints else 0
-    return start + TRAINING_STEPS
 
 
 def _write_48k(path: Path, audio: np.ndarray) -> None:
@@ -107,13 +90,10 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     # Code and configuration are linked (read only); everything a command may write to is a copy or absent.
     for item in REPO.iterdir():
-        if item.suffix in {".py", ".json", ".txt", ".md"} or item.name in {"Makefile", "models", "configs", "scripts",
-                                                                          "examples"}:
+        if item.suffix in {".py", ".json", ".txt", ".md"} or item.name in {
+                "Makefile", "models", "configs", "scripts", "examples", "research", "data_prep", "docs", "training"}:
             (root / item.name).symlink_to(item)
     shutil.copytree(REPO / "pretrained", root / "pretrained")
-    shutil.copytree(REPO / "training", root / "training",  # as a fresh clone has it
-                    ignore=lambda folder, names: [n for n in names if n in {"tensorboard", "stdout.log"} or (
-                        n.startswith("checkpoint_") and not committed(Path(folder) / n))])
     clean = [sf.read(p, dtype="float32")[0] for p in example_clips()]
     noisy = [sf.read(EXAMPLES / "degraded" / "noise" / p.name, dtype="float32")[0] for p in example_clips()]
     # VoiceBank+DEMAND as downloaded (48 kHz), and LibriTTS stand-ins.
@@ -135,11 +115,9 @@ def workspace(tmp_path_factory) -> Path:
             rir = np.exp(-np.arange(4000) / 800.0) * rng.standard_normal(4000)
             sf.write(root / "data/corpus/rir" / split / f"rir_{i}.wav", (rir / np.abs(rir).max()).astype(np.float32),
                      16000)
-    (root / "small_split_vq.json").write_text(json.dumps({
-        "base": str(REPO / "configs" / "demo_split_vq_codec.json"),
-        "codec": {"train": {"init_segments": 64, "kmeans_iterations": 5}}}))
-    (root / "tiny_rvq.json").write_text(
-        (REPO / "configs" / "tiny.json").read_text().replace('"codec": {', '"codec": {\n    "quantizer": {"type": "rvq"},', 1))
+    (root / "small_demo_codec.json").write_text(json.dumps({
+        "base": str(REPO / "configs" / "demo_codec.json"),
+        "codec_training": {"init_segments": 64, "kmeans_iterations": 5}}))
     return root
 
 
@@ -169,6 +147,5 @@ def test_documented_command_runs(command: str, workspace: Path) -> None:
         folder = workspace / argv[argv.index("--checkpoint_dir") + 1]
         last_max_steps = int(argv[len(argv) - argv[::-1].index("--max_steps")])  # the last one given wins
         assert (folder / f"checkpoint_{last_max_steps:08d}.pt").is_file(), done.stderr[-2000:]
-    exports = [i for i, arg in enumerate(argv) if arg.endswith("export_model.py")]
-    if exports:  # export_model.py CHECKPOINT OUTPUT [options]
-        assert (workspace / argv[exports[0] + 2]).is_file()
+    if "checkpoint.py" in argv and "export" in argv:  # checkpoint.py export CHECKPOINT OUTPUT [options]
+        assert (workspace / argv[argv.index("export") + 2]).is_file()
