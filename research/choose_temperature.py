@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: see the module docstring
 
-import cpu_speed  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy, as in inference.py)
+import cpu_speed  # noqa: E402  (before torch: it sets the OpenMP wait policy, as in inference.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,7 +34,7 @@ import checkpoint  # noqa: E402
 import dataset as data  # noqa: E402
 from inference import Enhancer  # noqa: E402
 from metrics import MetricError, score_pair  # noqa: E402
-from utils import UserError, load_config  # noqa: E402
+from utils import UserError, load_config, run_command  # noqa: E402
 
 
 def recipe_data(path: Path) -> tuple[dict, str]:
@@ -55,7 +55,7 @@ def build_enhancers(path: Path, temperatures: list[float]) -> tuple[list[tuple[s
     return decodings, enhancers
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="a ParaGSE checkpoint (training or exported)")
     p.add_argument("--valid_dir", type=Path, required=True, help="clean validation speech")
@@ -63,19 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rir_dir", type=Path, help="room impulse responses (default: simulated)")
     p.add_argument("--files", type=int, default=40)
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.6, 0.45, 0.3])
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.files < 1:
-        print("error: --files must be at least 1", file=sys.stderr)
-        return 2
+        raise UserError("--files must be at least 1")
     torch.set_num_threads(1)
+    config_data, source = recipe_data(args.checkpoint)
+    decodings, enhancers = build_enhancers(args.checkpoint, args.temperatures)
+    sample_rate = enhancers[0].sample_rate
     try:
-        config_data, source = recipe_data(args.checkpoint)
-        decodings, enhancers = build_enhancers(args.checkpoint, args.temperatures)
-        sample_rate = enhancers[0].sample_rate
         pairs = data.DegradedDataset(args.valid_dir, args.noise_dir, args.rir_dir, config_data, None, 0, sample_rate)
-    except (UserError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
     print(f"degradation recipe from {source}", file=sys.stderr)
     stride = max(1, len(pairs) // args.files)
     scores: dict[str, list[list[float]]] = defaultdict(list)
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         scores[description["condition"]].append(row)
         scores["all"].append(row)
+    if not scores:
+        raise UserError(f"none of the validation files of {args.valid_dir} could be scored")
     names = ["degraded"] + [d if d == "argmax" else f"expected T={t:g}" for d, t in decodings]
     print(f"{len(scores['all'])} validation files of {args.valid_dir}, {args.checkpoint}: PESQ / ESTOI")
     print("| condition | n | " + " | ".join(names) + " |\n|---|---:|" + "---|" * len(names))
@@ -99,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{means[2 * i]:.3f} / {means[2 * i + 1]:.3f}" for i in range(len(names))]
         print(f"| {condition} | {len(rows)} | " + " | ".join(cells) + " |")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cpu_speed.enable()  # the allocator policy of the project's command-line tools
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

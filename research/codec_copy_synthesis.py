@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import inference  # noqa: E402
-from utils import UserError, atomic_write, find_audio_files  # noqa: E402
+from utils import UserError, atomic_write, find_audio_files, run_command  # noqa: E402
 
 CURVE_METRICS = ("pesq", "estoi", "dnsmos_ovrl")
 LOG_COLUMNS = ("step", "compute_hours", "key", "value")  # runs.RunLog's log.csv
@@ -88,7 +88,7 @@ def link_selection(data_dir: Path, files: list[Path], chosen: Path) -> None:
             link.symlink_to((data_dir / f).resolve())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="a codec, or an enhancer carrying one")
     p.add_argument("--data_dir", type=Path, required=True, help="held-out clean speech")
@@ -97,41 +97,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_dnsmos", action="store_true", help="skip DNSMOS (the slowest metric)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scoring processes")
     p.add_argument("--log_csv", type=Path, help="also log the mean scores at a codec checkpoint's step here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.every < 1:
-        print("error: --every must be at least 1", file=sys.stderr)
-        return 2
-    position = None
-    if args.log_csv:
-        try:
-            position = checkpoint_position(args.checkpoint)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        raise UserError("--every must be at least 1")
+    # Before the slow part: a checkpoint that cannot be logged is refused at once.
+    position = checkpoint_position(args.checkpoint) if args.log_csv else None
     files = find_audio_files(args.data_dir)[:: args.every] if args.data_dir.is_dir() else []
     if not files:
-        print(f"error: no audio files under {args.data_dir}", file=sys.stderr)
-        return 2
+        raise UserError(f"no audio files under {args.data_dir}")
     chosen = args.output_dir / "clean"
     link_selection(args.data_dir, files, chosen)
     code = inference.main(["--input_dir", str(chosen), "--output_dir", str(args.output_dir / "codec"), "--checkpoint",
                            str(args.checkpoint), "--codec_only", "--overwrite", "--device", "cpu"])
     if code != 0:
         return code
-    try:
-        rows = evaluate.evaluate_dirs(args.output_dir / "codec", chosen, chosen, workers=args.workers,
-                                      dnsmos=not args.no_dnsmos)
-        evaluate.write_csv(rows, args.output_dir / "scores.csv")
-        print(f"{len(files)} files of {args.data_dir}, codec {args.checkpoint} (degraded column = the clean input):")
-        print(evaluate.summarise(rows))
-        if position is not None:
-            step, hours = position
-            new = append_curve_point(args.log_csv, step, hours, rows)
-            print(f"step {step} ({hours:.4f} compute hours): {len(new)} test points logged to {args.log_csv}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = evaluate.evaluate_dirs(args.output_dir / "codec", chosen, chosen, workers=args.workers,
+                                  dnsmos=not args.no_dnsmos)
+    evaluate.write_csv(rows, args.output_dir / "scores.csv")
+    print(f"{len(files)} files of {args.data_dir}, codec {args.checkpoint} (degraded column = the clean input):")
+    print(evaluate.summarise(rows))
+    if position is not None:
+        step, hours = position
+        new = append_curve_point(args.log_csv, step, hours, rows)
+        print(f"step {step} ({hours:.4f} compute hours): {len(new)} test points logged to {args.log_csv}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: run(parse_args(argv)))  # inference.main sets up the CPU policy itself
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from sklearn.cluster import MiniBatchKMeans  # noqa: E402
 
 from models.griffin_lim import MelGriffinLim  # noqa: E402
 from models.log_mel import LogMel  # noqa: E402
-from utils import REPO_ROOT, UserError, find_audio_files, load_audio, load_config  # noqa: E402
+from utils import REPO_ROOT, UserError, find_audio_files, load_audio, load_config, run_command  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_codec.json"
 
@@ -74,7 +74,7 @@ def parse_codebooks(entries: list[str]) -> list[tuple[int, int]]:
     return parsed
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="a MelCodec config whose codec.mel, codec.downsample and codec.griffin_lim to use "
@@ -85,24 +85,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=120, help="score every N-th test file (sorted order)")
     p.add_argument("--codebooks", nargs="+", default=["8x256", "16x256", "8x1024", "16x1024"],
                    help="GROUPSxSIZE entries")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def fit_split_vq(vectors: np.ndarray, groups: int, size: int) -> tuple[list[np.ndarray], list[MiniBatchKMeans]]:
+    """(band indices of each group, its k-means codebook) fitted on token-frame vectors (frames, bands)."""
+    if size > len(vectors):
+        raise UserError(f"{groups}x{size}: {size} codes need at least as many training frames (have "
+                        f"{len(vectors)}); raise --train_files")
+    splits = np.array_split(np.arange(vectors.shape[1]), groups)
+    fits = [MiniBatchKMeans(size, random_state=0, batch_size=4096, n_init=1, max_iter=50).fit(vectors[:, s])
+            for s in splits]
+    return splits, fits
+
+
+def quantise(frames: torch.Tensor, splits: list[np.ndarray], fits: list[MiniBatchKMeans]) -> torch.Tensor:
+    """Token-frame means (1, bands, frames) -> each group replaced by its nearest centroid, same shape."""
+    values = frames[0].T.numpy().copy()
+    for split, fit in zip(splits, fits):
+        values[:, split] = fit.cluster_centers_[fit.predict(values[:, split])]
+    return torch.from_numpy(values.T)[None].float()
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    try:
-        config = load_config(args.config)
-        log_mel, griffin_lim, downsample = mel_settings(config)
-        codebooks = parse_codebooks(args.codebooks)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rate, bands = config["sample_rate"], config["codec"]["mel"]["n_mels"]
+    config = load_config(args.config)
+    log_mel, griffin_lim, downsample = mel_settings(config)
+    codebooks = parse_codebooks(args.codebooks)
+    rate = config["sample_rate"]
     frames_per_second = rate / config["codec"]["mel"]["hop_length"] / downsample
 
     train_files = find_audio_files(args.train_dir) if args.train_dir.is_dir() else []
     random.Random(0).shuffle(train_files)
     test_files = find_audio_files(args.test_dir)[:: max(1, args.every)] if args.test_dir.is_dir() else []
     if not train_files or not test_files:
-        print("error: no audio files in --train_dir or --test_dir", file=sys.stderr)
-        return 2
+        raise UserError("no audio files in --train_dir or --test_dir")
     with torch.inference_mode():
         vectors = np.concatenate([frame_log_mel(log_mel, load_audio(args.train_dir / f, rate)[0], downsample)[1][0].T
                                   .numpy() for f in train_files[: args.train_files]])
@@ -112,30 +129,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(tests)} test files")
     print("| codebooks | kbit/s | ESTOI |\n|---|---|---|")
     for entry, codebook in [("none", None), *zip(args.codebooks, codebooks)]:
-        if codebook is None:
-            quantise, kbps = None, "unquantised"
-        else:
+        fitted, kbps = None, "unquantised"
+        if codebook is not None:
             groups, size = codebook
-            if size > len(vectors):
-                print(f"error: {entry}: {size} codes need at least as many training frames (have {len(vectors)}); "
-                      "raise --train_files", file=sys.stderr)
-                return 2
-            splits = np.array_split(np.arange(bands), groups)
-            fits = [MiniBatchKMeans(size, random_state=0, batch_size=4096, n_init=1, max_iter=50).fit(vectors[:, s])
-                    for s in splits]
-            quantise, kbps = (splits, fits), f"{groups * np.log2(size) * frames_per_second / 1000:.1f}"
+            fitted = fit_split_vq(vectors, groups, size)
+            kbps = f"{groups * np.log2(size) * frames_per_second / 1000:.1f}"
         scores = []
         with torch.inference_mode():
             for wav, full, frames in tests:
-                if quantise is not None:
-                    values = frames[0].T.numpy().copy()
-                    for split, fit in zip(*quantise):
-                        values[:, split] = fit.cluster_centers_[fit.predict(values[:, split])]
-                    frames = torch.from_numpy(values.T)[None].float()
+                frames = frames if fitted is None else quantise(frames, *fitted)
                 smooth = F.interpolate(frames, size=full.shape[-1], mode="linear", align_corners=False)
                 scores.append(stoi(wav, griffin_lim(smooth, len(wav))[0].numpy(), rate, extended=True))
         print(f"| {entry} | {kbps} | {np.mean(scores):.3f} |", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

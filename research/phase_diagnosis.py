@@ -31,7 +31,7 @@ from pystoi import stoi  # noqa: E402
 from checkpoint import load_codec  # noqa: E402
 from models.mdct import bin_correlation  # noqa: E402
 from models.mdct_codec import MDCTCodec  # noqa: E402
-from utils import UserError, find_audio_files, load_audio  # noqa: E402
+from utils import UserError, find_audio_files, load_audio, run_command  # noqa: E402
 
 LOW_BAND_HZ = 1000
 
@@ -70,22 +70,20 @@ def diagnose(codec: MDCTCodec, wav: torch.Tensor, generator: torch.Generator) ->
     return bin_correlation(mdct, decoded), scores
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an MDCT codec, or an enhancer carrying one")
     p.add_argument("--data_dir", type=Path, required=True, help="held-out clean speech")
     p.add_argument("--every", type=int, default=1, help="take every N-th file (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-sign oracle")
-    args = p.parse_args(argv)
-    try:
-        codec = load_mdct_codec(args.checkpoint)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    codec = load_mdct_codec(args.checkpoint)
     files = find_audio_files(args.data_dir)[:: max(1, args.every)] if args.data_dir.is_dir() else []
     if not files:
-        print(f"error: no audio files under {args.data_dir}", file=sys.stderr)
-        return 2
+        raise UserError(f"no audio files under {args.data_dir}")
     rate, low_bins = codec.sample_rate, bins_below(codec, LOW_BAND_HZ)
     generator = torch.Generator().manual_seed(args.seed)
     correlations = []
@@ -104,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{int(k * bin_hz)}-{int((k + 1) * bin_hz)}Hz:{c:+.2f}" for k, c in enumerate(correlation)))
     print("ESTOI (mean): " + ", ".join(f"{name} {np.mean(v):.3f}" for name, v in scores.items()))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

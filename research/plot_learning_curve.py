@@ -13,8 +13,9 @@ demo ParaGSE's log.csv continues its stage1_log.csv). Scores of the held-out tes
 `research/codec_copy_synthesis.py --log_csv` (keys test/...), are drawn dashed beside the validation split's (keys
 valid/...); give a test log the same label as its run to draw both in the run's colour.
 
-This tool reads CSV files only and imports nothing from the project, so unlike the other research/ tools it does
-not put the repository root on sys.path (and starts without loading torch).
+This file lives in research/, beside the project's modules rather than inside a package, so it puts the repository
+root (the parent of research/) on sys.path before importing them (utils: the atomic writer and the one
+command-line error path).
 """
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: see the module docstring
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from utils import UserError, atomic_write, run_command  # noqa: E402
 
 PANELS = [("pesq", "PESQ (wide-band)"), ("estoi", "ESTOI"), ("dnsmos_ovrl", "DNSMOS OVRL"),
           ("mel_l1", "log-mel L1"), ("mdct_correlation_below_1khz", "MDCT correlation < 1 kHz (phase)"),
@@ -36,22 +41,18 @@ LOG_COLUMNS = ("step", "compute_hours", "key", "value")
 Series = dict[str, list[tuple[float, int, float]]]
 
 
-class LogError(ValueError):
-    """A log that cannot be drawn; the message names the file and the reason."""
-
-
 def read_log(path: Path) -> Series:
     """key -> [(compute_hours, step, value)], in log order (a resumed run appends after the last point)."""
     series: Series = defaultdict(list)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not set(LOG_COLUMNS) <= set(reader.fieldnames or ()):
-            raise LogError(f"{path} is not a training log (needs columns {', '.join(LOG_COLUMNS)})")
+            raise UserError(f"{path} is not a training log (needs columns {', '.join(LOG_COLUMNS)})")
         for line, row in enumerate(reader, start=2):
             try:
                 series[row["key"]].append((float(row["compute_hours"]), int(row["step"]), float(row["value"])))
             except (TypeError, ValueError):
-                raise LogError(f"{path} line {line}: not a step, compute hours and value") from None
+                raise UserError(f"{path} line {line}: not a step, compute hours and value") from None
     return series
 
 
@@ -60,7 +61,7 @@ def plot(runs: list[tuple[str, Series]], out: Path, title: str) -> Path:
     panels = [(metric, label) for metric, label in PANELS
               if any(series.get(f"{split}/{metric}") for _, series in runs for split in SPLITS)]
     if not panels:
-        raise LogError("the logs have no validation or test scores yet (valid/... or test/... keys)")
+        raise UserError("the logs have no validation or test scores yet (valid/... or test/... keys)")
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.6 * columns, 3.4 * rows), layout="constrained")
@@ -84,36 +85,36 @@ def plot(runs: list[tuple[str, Series]], out: Path, title: str) -> Path:
         if (len(runs) > 1 or len(splits_drawn) > 1) and i == 0:
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")  # then a rename: a crash never leaves half a figure under the real name
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
+    # Atomically: a crash never leaves half a figure under the real name (the format is named: the temporary
+    # file's suffix is not .png).
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log_csv", type=Path)
     p.add_argument("output_png", type=Path)
     p.add_argument("--more", type=Path, nargs="*", default=[], help="further log.csv files drawn on the same axes")
     p.add_argument("--labels", nargs="*", help="one label per log (default: the log's folder name)")
     p.add_argument("--title", default="held-out copy-synthesis during training")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     logs = [args.log_csv, *args.more]
     labels = args.labels or [log.parent.name for log in logs]
     if len(labels) != len(logs):
-        print(f"error: {len(logs)} logs but {len(labels)} labels", file=sys.stderr)
-        return 2
+        raise UserError(f"{len(logs)} logs but {len(labels)} labels")
     for log in logs:
         if not log.is_file():
-            print(f"error: log not found: {log}", file=sys.stderr)
-            return 2
-    try:
-        print(plot([(label, read_log(log)) for label, log in zip(labels, logs)], args.output_png, args.title))
-    except LogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            raise UserError(f"log not found: {log}")
+    print(plot([(label, read_log(log)) for label, log in zip(labels, logs)], args.output_png, args.title))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
