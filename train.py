@@ -396,11 +396,13 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
                                              config["data"]["seed"])
         valid = validation_clean(args, config) if rank == 0 else []
     else:
-        if resumed or initial:
-            codec_payload, codec_source = (resumed or initial)["codec"], args.checkpoint_dir
-        elif args.codec:
+        if resumed:
+            codec_payload, codec_source = resumed["codec"], args.checkpoint_dir
+        elif args.codec:  # also with --init_from: its weights carried onto this codec
             codec_payload, codec_source = checkpoint.load(args.codec, "codec"), args.codec
             codec_payload = {k: codec_payload[k] for k in ("format", "kind", "config", "model")}
+        elif initial:  # the codec it names is found beside it
+            codec_payload, codec_source = initial["codec"], args.init_from
         else:
             raise UserError("--codec CODEC.pt is required to start the enhancer and serial stages")
         stage = EnhancerStage(config, device, world, max_steps, *checkpoint.resolve_codec(codec_payload, codec_source))

@@ -128,7 +128,10 @@ def build_from_section(classes: dict[str, type], section: dict, where: str, **ex
     if name not in classes:
         raise UserError(f"config key '{where}.class' must be one of {', '.join(classes)}, not {name!r}")
     arguments = {k: v for k, v in section.items() if k != "class"} | extra
-    model = classes[name](**_check_keys(classes[name], arguments, where))
+    try:
+        model = classes[name](**_check_keys(classes[name], arguments, where))
+    except TypeError as e:  # a nested section (e.g. quantizer) with a key its part does not take, or without one
+        raise UserError(f"config section '{where}' does not fit {name}: {e}") from None
     # What a checkpoint stores to rebuild exactly this model (tensors handed in, like code vectors, are not config).
     model.config = {"class": name} | {k: v for k, v in arguments.items() if not isinstance(v, torch.Tensor)}
     return model

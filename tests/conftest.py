@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,15 @@ EXAMPLES = Path(os.environ.get("PARAGSE_EXAMPLES", REPO / "examples"))
 # spin-wait; tests that time or size the paper configuration set their own thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """Every test starts with the thread count above: a tool run in-process with --threads must not change the
+    arithmetic (or the speed) of the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def example_clips() -> list[Path]:

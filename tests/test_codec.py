@@ -1,24 +1,57 @@
-"""The codec: perfect MDCT reconstruction, token shapes, group independence, training and persistence."""
+"""The codecs: perfect MDCT reconstruction, token shapes, group independence, training, resuming and persistence."""
 from __future__ import annotations
 
-import json
+import csv
+import logging
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY_CONFIG, example_clips
-from models.codec import Codec
-from models.losses import LogMel
-from models.mdct import MDCT, bin_correlation
-from utils import UserError, load_audio, load_config, save_audio, seed_everything
+import checkpoint
 import train
+from conftest import (DEMO_CODEC_CONFIG, REPO, TINY_CONFIG, example_clips, latest_checkpoint, tiny_mel_config,
+                      train_codec, write_config)
+from models import build_codec
+from models.codec import Codec
+from models.griffin_lim import MelGriffinLim
+from models.log_mel import LogMel
+from models.mdct import MDCT, bin_correlation
+from utils import UserError, load_audio, load_config, seed_everything
 
 
-def test_mdct_reconstructs_real_speech_exactly(speech, other_speech):
+def _codec(config_path: Path | None, seed: int = 0) -> Codec:
+    """A fresh codec (random weights) from a config file's codec section (None: config.json, the paper codec)."""
+    seed_everything(seed)
+    config = load_config(config_path)
+    return build_codec(config["codec"], config["sample_rate"]).eval()
+
+
+def _started_mel_codec(config_path: Path, speech: np.ndarray) -> Codec:
+    """A MelCodec after its data-dependent start (statistics and k-means codebooks) on token-aligned pieces of
+    `speech`."""
+    codec = _codec(config_path)
+    piece = codec.padded_length(8000)
+    segments = torch.from_numpy(speech[: len(speech) // piece * piece]).view(-1, piece)
+    codec.initialise(segments, kmeans_iterations=5, seed=0)
+    return codec
+
+
+def _log_rows(path: Path) -> list[tuple[int, float, str, float]]:
+    """log.csv as (step, compute_hours, key, value) rows."""
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["compute_hours"]), r["key"], float(r["value"])) for r in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------------------------------------ MDCT
+def test_mdct_reconstructs_real_speech_exactly(speech: np.ndarray, other_speech: np.ndarray) -> None:
+    """The MDCT and its inverse give back the waveform to float precision, for any length and batches."""
     mdct = MDCT(80, 40)
     x = torch.from_numpy(speech)
     assert (mdct.inverse(mdct(x), x.shape[0]) - x).abs().max() < 1e-5
@@ -27,7 +60,8 @@ def test_mdct_reconstructs_real_speech_exactly(speech, other_speech):
     assert (mdct.inverse(mdct(batch), length) - batch).abs().max() < 1e-5
 
 
-def test_mdct_correlation_measures_phase_not_magnitude():
+def test_mdct_correlation_measures_phase_not_magnitude() -> None:
+    """bin_correlation is 1 for the same coefficients at any level, -1 for flipped ones, ~0 for random signs."""
     clips = [load_audio(path)[0] for path in example_clips()]
     length = min(len(c) for c in clips)
     mdct = MDCT(80, 40)(torch.from_numpy(np.stack([c[:length] for c in clips])))  # 5 clips pooled
@@ -40,65 +74,83 @@ def test_mdct_correlation_measures_phase_not_magnitude():
     assert wrong_phase.mean().abs() < 0.05 and wrong_phase[:5].mean().abs() < 0.1, wrong_phase
 
 
-@pytest.mark.parametrize("spectra, latent_rate_trunk", [(("mdct", "mdct"), False), (("log_mel", "log_mel"), True)],
-                         ids=["paper", "log_mel_latent_rate"])
-def test_paper_codec_token_shapes_and_any_length(speech, spectra, latent_rate_trunk):
-    seed_everything(0)
-    config = load_config()
-    config["codec"]["encoder"]["input"], config["codec"]["decoder"]["output"] = spectra
-    for side in ("encoder", "decoder"):
-        config["codec"][side]["latent_rate_trunk"] = latent_rate_trunk
-    codec = Codec.from_config(config).eval()
+# ------------------------------------------------------------------------------------------- shapes, tokens
+@pytest.mark.parametrize("config_path, groups, codes", [(None, 4, 256), (DEMO_CODEC_CONFIG, 16, 1024)],
+                         ids=["paper_MDCTCodec", "demo_MelCodec"])
+def test_codec_token_shapes_and_any_length(speech: np.ndarray, config_path: Path | None, groups: int,
+                                           codes: int) -> None:
+    """Both shipped codec classes: 50 Hz tokens (batch, groups, frames) in range, and decode gives back any length."""
+    codec = _codec(config_path)
     wav = torch.from_numpy(speech[:31960])[None]
     with torch.inference_mode():
         tokens = codec.encode(wav)
-        assert tokens.shape == (1, 4, 100)
-        assert tokens.dtype == torch.int64 and tokens.min() >= 0 and tokens.max() < 256
+        assert tokens.shape == (1, groups, 100)
+        assert tokens.dtype == torch.int64 and tokens.min() >= 0 and tokens.max() < codes
         assert codec.decode(tokens, 31960).shape == (1, 31960)
         assert codec.decode(tokens).shape == (1, 31960)  # token-aligned lengths need no hint
-        for length in (1, 333, 12345, 16000):
+        for length in (1, 333, 12345):
             out = codec.decode(codec.encode(wav[:, :length]), length)
             assert out.shape == (1, length)
 
 
-def test_changing_latent_group_changes_only_its_token_stream(speech):
-    seed_everything(0)
-    codec = Codec.from_config(load_config()).eval()
+def test_changing_one_latent_group_of_the_mdct_codec_changes_only_its_token_group(speech: np.ndarray) -> None:
+    """Group VQ: token group n depends only on latent group n (what lets ParaGSE predict the groups in parallel)."""
+    codec = _codec(None)
     with torch.inference_mode():
         latent = codec.encoder(codec.mdct(codec.pad(torch.from_numpy(speech[:31960])[None])))
         base = codec.quantizer(latent).tokens
-        for group in range(4):
+        width = latent.shape[1] // codec.num_groups
+        for group in range(codec.num_groups):
             changed = latent.clone()
-            changed[:, group * 8 : (group + 1) * 8] = torch.randn_like(changed[:, :8])
+            changed[:, group * width: (group + 1) * width] = torch.randn_like(changed[:, :width])
             tokens = codec.quantizer(changed).tokens
-            for stream in range(4):
+            for stream in range(codec.num_groups):
                 same = torch.equal(tokens[:, stream], base[:, stream])
                 assert same == (stream != group), f"group {group} perturbed, stream {stream} same={same}"
 
 
-def _train_codec(tmp_path, clip_dir, max_steps, run_dir="run", extra=()):
-    argv = ["--stage", "codec", "--config", str(TINY_CONFIG), "--checkpoint_dir", str(tmp_path / run_dir),
-            "--train_dir", str(clip_dir), "--max_steps", str(max_steps), "--device", "cpu", *extra]
-    assert train.main(argv) == 0
-    return sorted((tmp_path / run_dir).glob("checkpoint_*.pt"))[-1]
+def test_changing_one_band_group_of_the_mel_codec_changes_only_its_token_group(tmp_path: Path,
+                                                                                speech: np.ndarray) -> None:
+    """Split VQ: token group n reads only mel bands of group n (adjacent bands, low to high)."""
+    codec = _started_mel_codec(tiny_mel_config(tmp_path), speech)
+    with torch.inference_mode():
+        latent = codec.latent(codec.pad(torch.from_numpy(speech)[None]))
+        base = codec.quantizer.encode(latent)
+        assert torch.equal(base, codec.encode(torch.from_numpy(speech)[None]))
+        width = latent.shape[1] // codec.num_groups
+        for group in range(codec.num_groups):
+            changed = latent.clone()
+            changed[:, group * width: (group + 1) * width] += 3.0  # three standard deviations louder
+            differs = (codec.quantizer.encode(changed) != base).flatten(2).any(-1)[0]
+            assert differs.tolist() == [stream == group for stream in range(codec.num_groups)], group
 
 
-@pytest.fixture()
-def clip_dir(tmp_path, speech):
-    folder = tmp_path / "clip"
-    save_audio(folder / "speech.wav", speech)
-    return folder
+def test_tokenizer_digest_ignores_the_decoder_and_follows_the_codebooks(tmp_path: Path, speech: np.ndarray) -> None:
+    """Two codecs that differ only in decoder weights share a digest (an enhancer may take either); a changed
+    codebook changes it."""
+    codecs = {"MDCTCodec": (_codec(TINY_CONFIG), "quantizer.quantizers.1.codebook.weight"),
+              "MelCodec": (_started_mel_codec(tiny_mel_config(tmp_path), speech), "quantizer.codebooks")}
+    for name, (codec, codebook) in codecs.items():
+        payload = checkpoint.codec_payload(codec)
+        redecoded = payload | {"model": {k: v + 0.01 if k.startswith("decoder.") and v.is_floating_point() else v
+                                         for k, v in payload["model"].items()}}
+        assert any(not torch.equal(v, redecoded["model"][k]) for k, v in payload["model"].items())
+        assert checkpoint.tokenizer_digest(redecoded) == checkpoint.tokenizer_digest(payload), name
+        recoded = payload | {"model": payload["model"] | {codebook: payload["model"][codebook].clone()}}
+        recoded["model"][codebook].view(-1)[0] += 0.01
+        assert checkpoint.tokenizer_digest(recoded) != checkpoint.tokenizer_digest(payload), name
 
 
-def test_tiny_codec_overfits_one_real_clip(tmp_path, clip_dir, speech):
-    start = _train_codec(tmp_path, clip_dir, 0).rename(tmp_path / "step0.pt")  # keep_last would prune it
-    end = _train_codec(tmp_path, clip_dir, 300)
-    config = load_config(TINY_CONFIG)
-    log_mel = LogMel.from_config(config)
+# -------------------------------------------------------------------------------------------------- training
+def test_tiny_mdct_codec_overfits_one_real_clip(tmp_path: Path, clip_dir: Path, speech: np.ndarray) -> None:
+    """100 steps on one clip more than halve its log-mel reconstruction error."""
+    start = shutil.copy(train_codec(TINY_CONFIG, tmp_path / "run", clip_dir, 0), tmp_path / "step0.pt")
+    end = train_codec(TINY_CONFIG, tmp_path / "run", clip_dir, 100)
+    log_mel = LogMel(16000, **load_config(TINY_CONFIG)["codec_training"]["loss"]["mel"])
     wav = torch.from_numpy(speech)[None]
 
-    def mel_error(path):
-        codec = Codec.load(path)
+    def mel_error(path: Path) -> float:
+        codec = checkpoint.load_codec(path)
         with torch.inference_mode():
             return F.l1_loss(log_mel(codec.decode(codec.encode(wav), wav.shape[-1])), log_mel(wav)).item()
 
@@ -106,20 +158,163 @@ def test_tiny_codec_overfits_one_real_clip(tmp_path, clip_dir, speech):
     assert after < 0.5 * before, f"log-mel L1 {before:.3f} -> {after:.3f}"
 
 
-def test_checkpoint_reload_gives_identical_tokens_in_a_fresh_process(tmp_path, speech):
-    seed_everything(3)
-    codec = Codec.from_config(load_config(TINY_CONFIG)).eval()
+def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, clip_dir: Path) -> None:
+    """3 + 3 steps give exactly the weights, discriminator and optimiser state of 6 uninterrupted steps."""
+    straight = train_codec(TINY_CONFIG, tmp_path / "straight", clip_dir, 6)
+    train_codec(TINY_CONFIG, tmp_path / "resumed", clip_dir, 3)
+    resumed = train_codec(TINY_CONFIG, tmp_path / "resumed", clip_dir, 6)
+    a, b = checkpoint.load(straight, "codec"), checkpoint.load(resumed, "codec")
+    assert a["training"]["step"] == b["training"]["step"] == 6
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), f"model.{name} differs after resume"
+    for name, value in a["training"]["discriminator"].items():
+        assert torch.equal(value, b["training"]["discriminator"][name]), f"discriminator.{name} differs after resume"
+    state_a = a["training"]["optimizers"]["generator"]["state"]
+    state_b = b["training"]["optimizers"]["generator"]["state"]
+    assert state_a and all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
+
+
+def test_a_resumed_run_continues_its_logged_curve(tmp_path: Path, clip_dir: Path) -> None:
+    """Resuming from an older checkpoint keeps the log up to it, logs the later steps again identically, carries
+    the compute hours on and validates."""
+    config = tiny_mel_config(tmp_path, codec_training={"cooldown_steps": 0},  # the same rates whatever the stop
+                             run={"log_every": 1, "checkpoint_every": 2, "validate_every": 6})
+    run_dir = tmp_path / "run"
+    train_codec(config, run_dir, clip_dir, 4)  # checkpoints at 2 and 4
+    first = _log_rows(run_dir / "log.csv")
+    (run_dir / "checkpoint_00000004.pt").unlink()  # as if the run had stopped right after step 2's checkpoint
+    train_codec(config, run_dir, clip_dir, 6, "--valid_dir", str(clip_dir))
+    after = _log_rows(run_dir / "log.csv")
+
+    kept = [row for row in first if row[0] <= 2]
+    assert after[:len(kept)] == kept  # history up to the checkpoint is untouched
+    new = after[len(kept):]
+    assert {row[0] for row in new} == {3, 4, 5, 6}
+    replayed = {(step, key): value for step, _, key, value in new if step <= 4}
+    assert replayed == {(step, key): value for step, _, key, value in first if step > 2}  # same data, same losses
+    last_hours = max(row[1] for row in kept)
+    assert all(last_hours <= row[1] < last_hours + 0.05 for row in new)  # compute hours carry on, not from zero
+    validated = {key for step, _, key, _ in new if key.startswith("valid/")}
+    assert {"valid/estoi", "valid/pesq", "valid/mel_l1"} <= validated
+
+
+def test_a_cool_down_brings_the_learning_rate_to_zero_where_the_run_stops(tmp_path: Path, clip_dir: Path) -> None:
+    """The cool-down follows --max_steps: a stopped run resumed with a later stop cools down towards that one."""
+    config = tiny_mel_config(tmp_path, codec_training={"warmup_steps": 0, "cooldown_steps": 6},
+                             run={"log_every": 1})
+    train_codec(config, tmp_path / "run", clip_dir, 4)  # stopped early: cooled towards its own stop at 4
+    train_codec(config, tmp_path / "run", clip_dir, 10)  # resumed with the cool-down at its end
+    rate = {step: value for step, _, key, value in _log_rows(tmp_path / "run" / "log.csv") if key == "train/lr"}
+    peak = load_config(config)["codec_training"]["learning_rate"]
+    # train/lr at step s is the rate of the next update: peak * (stop - s) / cooldown_steps within the cool-down.
+    assert rate[3] == pytest.approx(peak * 1 / 6, rel=1e-4)
+    assert rate[5] == pytest.approx(peak * 5 / 6, rel=1e-4) and rate[10] == 0.0
+
+
+def test_mel_codec_reconstructs_speech_before_training_and_training_never_changes_its_tokens(
+        tmp_path: Path, clip_dir: Path, speech: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    """The data-dependent start (log-mel statistics, k-means codebooks) already gives intelligible speech; training,
+    resuming and --init_from train the decoder only and never run the start again, so the tokens stay final."""
+    from pystoi import stoi
+
+    config = tiny_mel_config(tmp_path)
+    with caplog.at_level(logging.INFO, logger="train"):
+        start = shutil.copy(train_codec(config, tmp_path / "run", clip_dir, 0), tmp_path / "step0.pt")
+    assert "data-dependent start: log-mel statistics" in caplog.text
+    wav = torch.from_numpy(speech)[None]
+    fresh = checkpoint.load_codec(start)
+    with torch.inference_mode():
+        # Standardised by the statistics of its training speech (here: this clip alone).
+        standardised = (fresh.log_mel(fresh.pad(wav)) - fresh.analysis_mean) / fresh.analysis_std
+        tokens = fresh.encode(wav)
+        score = stoi(speech, fresh.decode(tokens, wav.shape[-1])[0].numpy(), 16000, extended=True)
+    assert standardised.mean(dim=-1).abs().mean() < 0.3 and (standardised.std(dim=-1) - 1).abs().mean() < 0.3
+    assert score > 0.75, f"ESTOI {score:.3f}"
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        trained = checkpoint.load_codec(train_codec(config, tmp_path / "run", clip_dir, 6))  # resumes
+        moved_on = checkpoint.load_codec(train_codec(config, tmp_path / "init_from", clip_dir, 2,
+                                                     "--init_from", str(start)))
+    assert "resuming from" in caplog.text and "data-dependent start" not in caplog.text
+    with torch.inference_mode():
+        assert torch.equal(trained.encode(wav), tokens) and torch.equal(moved_on.encode(wav), tokens)
+    digest = checkpoint.tokenizer_digest(checkpoint.codec_payload(fresh))
+    assert checkpoint.tokenizer_digest(checkpoint.codec_payload(trained)) == digest
+    assert not torch.equal(trained.decoder.conv_out.parametrizations.weight.original0,
+                           fresh.decoder.conv_out.parametrizations.weight.original0)  # yet the decoder learned
+
+
+def test_mel_codec_refuses_the_discriminator(tmp_path: Path, clip_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A codec trained on spectra (no differentiable waveform) cannot train against the discriminator: exit 2."""
+    config = tiny_mel_config(tmp_path, codec_training={"discriminator_start_step": 0})
+    argv = ["--stage", "codec", "--config", str(config), "--checkpoint_dir", str(tmp_path / "run"),
+            "--train_dir", str(clip_dir), "--max_steps", "1", "--device", "cpu"]
+    assert train.main(argv) == 2
+    assert "discriminator_start_step to -1" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
+def test_griffin_lim_recovers_intelligible_speech_from_an_exact_log_mel(speech: np.ndarray) -> None:
+    """The demo codec's vocoder: deterministic, and intelligible from the exact log-mel of speech."""
+    from pystoi import stoi
+
+    codec_config = load_config(DEMO_CODEC_CONFIG)["codec"]
+    mel = codec_config["mel"]
+    log_mel = LogMel(16000, **mel)
+    vocoder = MelGriffinLim(log_mel.filters, mel["hop_length"], mel["win_length"], **codec_config["griffin_lim"])
+    wav = torch.from_numpy(speech)[None]
+    first = vocoder(log_mel(wav), wav.shape[-1])
+    assert first.shape == wav.shape
+    assert torch.equal(first, vocoder(log_mel(wav), wav.shape[-1])), "same input, same output"
+    assert stoi(speech, first[0].numpy(), 16000, extended=True) > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def test_a_config_can_build_on_another(tmp_path: Path) -> None:
+    """A "base" config is laid under a config; a missing base is refused by name."""
+    stage = write_config(tmp_path / "stage.json", {"base": "demo_codec.json",
+                                                   "codec_training": {"loss": {"mel_l1": 1.0}}})
+    config, demo = load_config(stage), load_config(DEMO_CODEC_CONFIG)
+    assert config["codec_training"]["loss"]["mel_l1"] == 1.0
+    assert config["codec"] == demo["codec"]
+    assert config["codec"]["class"] == "MelCodec" != load_config()["codec"]["class"]
+    stage.write_text('{"base": "missing.json"}')
+    with pytest.raises(UserError, match="missing.json"):
+        load_config(stage)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"codec": {"encoder": {"dimm": 3}}}, "codec.encoder.dimm"),
+    ({"base": "demo_codec.json", "codec": {"mdct": {"frame_length": 80, "hop_length": 40}}}, "codec.mdct"),
+    ({"codec": {"class": "MelCodec", "mdct": {"frame_length": 80, "hop_length": 40}}}, "codec.mdct"),
+    ({"codec": load_config(DEMO_CODEC_CONFIG)["codec"] | {"quantizer": {"num_groups": 16, "codebook_size": 64,
+                                                                        "projection": False}}}, "projection"),
+], ids=["typo", "mdct_key_over_mel_base", "mdct_key_in_class_switched_section", "nested_key_in_switched_section"])
+def test_unknown_config_key_is_refused_by_name(tmp_path: Path, overrides: dict, key: str) -> None:
+    """A key no default has, and a key the section's class does not take once "class" switches it, are refused
+    with their name, when the config is read or at the latest when the codec is built."""
+    path = write_config(tmp_path / "bad.json", overrides)
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        config = load_config(path)
+        build_codec(config["codec"], config["sample_rate"])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_reload_gives_identical_tokens_in_a_fresh_process(tmp_path: Path, speech: np.ndarray) -> None:
+    """A saved codec loads (in this process and another) into one that gives exactly the same tokens."""
+    codec = _codec(TINY_CONFIG, seed=3)
     path = tmp_path / "codec.pt"
-    codec.save(path)
+    checkpoint.save(path, checkpoint.codec_payload(codec))
     wav = torch.from_numpy(speech)[None]
     with torch.inference_mode():
         tokens = codec.encode(wav)
-        assert torch.equal(Codec.load(path).encode(wav), tokens)
+        assert torch.equal(checkpoint.load_codec(path).encode(wav), tokens)
     np.save(tmp_path / "wav.npy", speech)
     script = (
         "import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]);"
-        "from models.codec import Codec;"
-        "c = Codec.load(sys.argv[2]); w = torch.from_numpy(np.load(sys.argv[3]))[None];"
+        "from checkpoint import load_codec;"
+        "c = load_codec(sys.argv[2]); w = torch.from_numpy(np.load(sys.argv[3]))[None];"
         "np.save(sys.argv[4], c.encode(w).numpy())"
     )
     subprocess.run([sys.executable, "-c", script, str(REPO), str(path), str(tmp_path / "wav.npy"),
@@ -127,345 +322,78 @@ def test_checkpoint_reload_gives_identical_tokens_in_a_fresh_process(tmp_path, s
     assert np.array_equal(np.load(tmp_path / "tokens.npy"), tokens.numpy())
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path, clip_dir):
-    straight = _train_codec(tmp_path, clip_dir, 6, run_dir="straight")
-    _train_codec(tmp_path, clip_dir, 3, run_dir="resumed")
-    resumed = _train_codec(tmp_path, clip_dir, 6, run_dir="resumed")
-    a, b = torch.load(straight, weights_only=False), torch.load(resumed, weights_only=False)
-    assert a["step"] == b["step"] == 6
-    for key in ("model", "discriminator"):
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
-    state_a, state_b = a["optimizer_g"]["state"], b["optimizer_g"]["state"]
-    assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
-
-
-def test_a_config_can_build_on_another(tmp_path):
-    stage = tmp_path / "stage.json"
-    stage.write_text('{"base": "%s", "codec": {"loss": {"mdct_mse": 1.0}}}' % (REPO / "configs" / "demo.json"))
-    config, demo = load_config(stage), load_config(REPO / "configs" / "demo.json")
-    assert config["codec"]["loss"]["mdct_mse"] == 1.0
-    assert config["codec"]["encoder"] == demo["codec"]["encoder"] != load_config()["codec"]["encoder"]
-    stage.write_text('{"base": "missing.json"}')
-    with pytest.raises(UserError, match="missing.json"):
-        load_config(stage)
-
-
-def test_unknown_config_key_is_refused_by_name(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"codec": {"encoder": {"dimm": 3}}}')
-    with pytest.raises(UserError, match="codec.encoder.dimm"):
-        load_config(bad)
-
-
-def test_exported_half_precision_checkpoint_loads_and_sounds_the_same(tmp_path, speech):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import export_model
-
-    seed_everything(4)
-    codec = Codec.from_config(load_config(TINY_CONFIG)).eval()
-    payload = codec.checkpoint_payload() | {"optimizer_g": {"state": {}}, "step": 7, "compute_seconds": 1.0}
-    torch.save(payload, tmp_path / "train.pt")
-    assert export_model.main([str(tmp_path / "train.pt"), str(tmp_path / "small.pt"), "--half"]) == 0
-    small = torch.load(tmp_path / "small.pt", weights_only=False)
-    assert "optimizer_g" not in small and small["step"] == 7
+def test_exported_half_precision_checkpoint_loads_safely_and_sounds_the_same(tmp_path: Path,
+                                                                              speech: np.ndarray) -> None:
+    """`checkpoint.py export --half` drops the training state, keeps the history, loads with weights_only and
+    decodes as the full-precision codec does."""
+    codec = _codec(TINY_CONFIG, seed=4)
+    training = {"step": 7, "compute_seconds": 1.0, "optimizers": {"generator": {"state": {}}}}
+    checkpoint.save(tmp_path / "train.pt", checkpoint.codec_payload(codec) | {"training": training})
+    assert checkpoint.main(["export", str(tmp_path / "train.pt"), str(tmp_path / "small.pt"), "--half"]) == 0
+    small = torch.load(tmp_path / "small.pt", map_location="cpu", weights_only=True)
+    assert "training" not in small and small["history"] == {"step": 7, "compute_seconds": 1.0}
+    assert small["model"]["decoder.conv_mid.weight"].dtype == torch.float16
     wav = torch.from_numpy(speech)[None]
     with torch.inference_mode():
-        full, half = codec.decode(codec.encode(wav)), Codec.load(tmp_path / "small.pt").decode(codec.encode(wav))
+        tokens = codec.encode(wav)
+        full, half = codec.decode(tokens), checkpoint.load_codec(tmp_path / "small.pt").decode(tokens)
     assert (full - half).abs().max() < 1e-2 * full.abs().max()
 
 
-def _log_rows(path) -> list[tuple[int, float, str, float]]:
-    import csv
-    with open(path, newline="") as f:
-        return [(int(r["step"]), float(r["compute_hours"]), r["key"], float(r["value"])) for r in csv.DictReader(f)]
+def test_a_crafted_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    """checkpoint.load never unpickles arbitrary objects: a file whose unpickling runs code is refused in one line
+    and the code does not run."""
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return os.mkdir, (str(marker),)
+
+    torch.save({"format": checkpoint.FORMAT, "kind": "codec", "config": {}, "model": {}, "x": Payload()},
+               tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="not safe to load") as refused:
+        checkpoint.load(tmp_path / "evil.pt")
+    assert "evil.pt" in str(refused.value) and "\n" not in str(refused.value)
+    assert not marker.exists()
 
 
-@pytest.mark.parametrize("run, config_name", [("demo_codec", "demo.json"), ("demo_mel_decoder", "demo_mel_decoder.json"),
-                                              ("demo_fast_codec_16x1024", "demo_fast_codec_16x1024.json"),
-                                              ("demo_split_vq_codec", "demo_split_vq_codec.json")])
-def test_committed_demo_codec_run_resumes_and_continues_its_curve(tmp_path, clip_dir, run, config_name):
-    """A fresh clone resumes a committed demo codec run: the next logged point follows the last one."""
-    import json
-    import shutil
+def test_an_enhancer_names_its_codec_and_refuses_one_that_is_missing_or_gives_other_tokens(
+        tmp_path: Path, clip_dir: Path, speech: np.ndarray, capsys: pytest.CaptureFixture) -> None:
+    """An exported enhancer may name a codec file beside it instead of carrying it: any codec with the same tokens
+    (e.g. the same MelCodec trained further), found relative to the enhancer; a missing or token-changing one is
+    refused by name, when exporting and when loading."""
+    config = tiny_mel_config(tmp_path)
+    start = shutil.copy(train_codec(config, tmp_path / "codec", clip_dir, 0), tmp_path / "start.pt")
+    later = train_codec(config, tmp_path / "codec", clip_dir, 3)  # same tokens, another decoder
+    drifted = checkpoint.load(later, "codec")
+    drifted["model"]["quantizer.codebooks"] = drifted["model"]["quantizer.codebooks"].roll(1, dims=1)
+    checkpoint.save(tmp_path / "drifted.pt", drifted)
 
-    committed = sorted((REPO / "training" / run).glob("checkpoint_*.pt"))
-    assert committed, f"no committed checkpoint under training/{run}"
-    run_dir = tmp_path / run
-    run_dir.mkdir()
-    shutil.copy(committed[-1], run_dir)
-    shutil.copy(REPO / "training" / run / "log.csv", run_dir)
-    before = _log_rows(run_dir / "log.csv")
-    last_step = int(committed[-1].stem.split("_")[1])
-    config = tmp_path / "log_every_step.json"
-    demo = json.loads((REPO / "configs" / config_name).read_text())
-    if "base" in demo:
-        demo["base"] = str(REPO / "configs" / demo["base"])
-    demo.setdefault("run", {})
-    demo.setdefault("data", {})
-    demo["run"] |= {"log_every": 1, "validate_every": last_step + 2, "validation_dnsmos": False}
-    demo["data"] |= {"num_workers": 0, "validation_files": 1}
-    config.write_text(json.dumps(demo))
-    done = subprocess.run([sys.executable, "train.py", "--stage", "codec", "--config", str(config), "--checkpoint_dir",
-                           str(run_dir), "--train_dir", str(clip_dir), "--valid_dir", str(clip_dir),
-                           "--max_steps", str(last_step + 2),
-                           "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (run_dir / f"checkpoint_{last_step + 2:08d}.pt").is_file()
-
-    after = _log_rows(run_dir / "log.csv")
-    kept = [row for row in before if row[0] <= last_step]
-    assert after[:len(kept)] == kept  # history up to the checkpoint is untouched
-    new = after[len(kept):]
-    assert {row[0] for row in new} == {last_step + 1, last_step + 2}
-    last_hours = max(row[1] for row in kept)
-    assert all(last_hours <= row[1] < last_hours + 0.05 for row in new)  # compute hours carry on, not from zero
-    # The loss carries on from the trained level; an untrained codec starts several times higher.
-    trained = [row[3] for row in kept if row[2] == "train/mel_l1"][-5:]
-    resumed = [row[3] for row in new if row[2] == "train/mel_l1"]
-    assert max(resumed) < 1.5 * np.mean(trained), (resumed, trained)
-    validated = {row[2]: row[3] for row in new if row[2].startswith("valid/")}
-    assert {"valid/estoi", "valid/pesq"} <= set(validated)
-    if run == "demo_codec":  # an MDCT decoder: does it reproduce the phase?
-        assert -1 <= validated["valid/mdct_correlation_below_1khz"] <= 1
-
-
-def test_frozen_tokenizer_keeps_tokens_while_the_decoder_trains_and_enhancers_can_take_the_new_decoder(
-        tmp_path, clip_dir, speech, capsys):
-    import json
-    import shutil
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    import export_model
-
-    config = json.loads(TINY_CONFIG.read_text())
-    config["codec"]["train"]["freeze_tokenizer_step"] = 3
-    freezing = tmp_path / "freeze.json"
-    freezing.write_text(json.dumps(config))
-    at_freeze = shutil.copy(_train_codec(tmp_path, clip_dir, 3, extra=("--config", str(freezing))), tmp_path / "at3.pt")
-    shutil.copytree(tmp_path / "run", tmp_path / "unfrozen")
-    later = _train_codec(tmp_path, clip_dir, 8, extra=("--config", str(freezing)))
-    drifted = _train_codec(tmp_path, clip_dir, 8, run_dir="unfrozen")  # the same run without the freeze
-
-    wav = torch.from_numpy(speech)[None]
-    before, after = Codec.load(at_freeze), Codec.load(later)
-    with torch.inference_mode():
-        assert torch.equal(before.encode(wav), after.encode(wav))
-    assert not torch.equal(before.decoder.conv_out.parametrizations.weight.original1,
-                           after.decoder.conv_out.parametrizations.weight.original1)
-
-    assert train.main(["--stage", "enhancer", "--config", str(TINY_CONFIG), "--codec", str(at_freeze),
+    assert train.main(["--stage", "enhancer", "--config", str(TINY_CONFIG), "--codec", str(start),
                        "--checkpoint_dir", str(tmp_path / "enh"), "--train_degraded_dir", str(clip_dir),
-                       "--train_clean_dir", str(clip_dir), "--max_steps", "1"]) == 0
-    enhancer = sorted((tmp_path / "enh").glob("*.pt"))[-1]
-    assert export_model.main([str(enhancer), str(tmp_path / "swapped.pt"), "--codec", str(later)]) == 0
-    carried = Codec.load(tmp_path / "swapped.pt")
-    assert torch.equal(carried.decoder.conv_out.parametrizations.weight.original1,
-                       after.decoder.conv_out.parametrizations.weight.original1)
-    assert export_model.main([str(enhancer), str(tmp_path / "refused.pt"), "--codec", str(drifted)]) == 2
-    assert "differs from the enhancer's codec" in capsys.readouterr().err
-    assert not (tmp_path / "refused.pt").exists()
-
-    # Naming instead of carrying: the shipped pair stores the codec once, and a load checks it still fits.
-    from models import load_enhancer
-    from utils import UserError
-
+                       "--train_clean_dir", str(clip_dir), "--max_steps", "1", "--device", "cpu"]) == 0
+    enhancer = latest_checkpoint(tmp_path / "enh")
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     shutil.copy(later, shipped / "codec.pt")
-    assert export_model.main([str(enhancer), str(shipped / "enhancer.pt"), "--half",
-                              "--name_codec", str(shipped / "codec.pt")]) == 0
-    assert (shipped / "enhancer.pt").stat().st_size < (tmp_path / "swapped.pt").stat().st_size
+    assert checkpoint.main(["export", str(enhancer), str(tmp_path / "carrying.pt")]) == 0
+    assert checkpoint.main(["export", str(enhancer), str(shipped / "enhancer.pt"),
+                            "--name_codec", str(shipped / "codec.pt")]) == 0
+    assert (shipped / "enhancer.pt").stat().st_size < (tmp_path / "carrying.pt").stat().st_size
+    assert checkpoint.main(["export", str(enhancer), str(tmp_path / "refused.pt"),
+                            "--name_codec", str(tmp_path / "drifted.pt")]) == 2
+    assert "gives other tokens" in capsys.readouterr().err
+    assert not (tmp_path / "refused.pt").exists()
+
     moved = tmp_path / "moved"
     shutil.copytree(shipped, moved)  # the reference is relative: the pair can move together
-    _, named = load_enhancer(moved / "enhancer.pt")
-    assert torch.equal(named.decoder.conv_out.parametrizations.weight.original1,
-                       after.decoder.conv_out.parametrizations.weight.original1)
-    shutil.copy(drifted, moved / "codec.pt")
+    _, named, _ = checkpoint.load_enhancer(moved / "enhancer.pt")
+    carried = checkpoint.load_codec(later)
+    assert torch.equal(named.decoder.conv_out.parametrizations.weight.original0,
+                       carried.decoder.conv_out.parametrizations.weight.original0)
+    shutil.copy(tmp_path / "drifted.pt", moved / "codec.pt")
     with pytest.raises(UserError, match="gives other tokens"):
-        load_enhancer(moved / "enhancer.pt")
+        checkpoint.load_enhancer(moved / "enhancer.pt")
     (moved / "codec.pt").unlink()
     with pytest.raises(UserError, match="codec.pt is missing"):
-        load_enhancer(moved / "enhancer.pt")
-
-
-def test_griffin_lim_recovers_intelligible_speech_from_an_exact_log_mel(speech):
-    from pystoi import stoi
-
-    from models.griffin_lim import MelGriffinLim
-
-    config = load_config(str(REPO / "configs" / "demo_mel_decoder.json"))
-    wav = torch.from_numpy(speech)[None]
-    vocoder = MelGriffinLim.from_config(config)
-    first = vocoder(LogMel.from_config(config)(wav), wav.shape[-1])
-    assert first.shape == wav.shape
-    assert torch.equal(first, vocoder(LogMel.from_config(config)(wav), wav.shape[-1])), "same input, same output"
-    assert stoi(speech, first[0].numpy(), 16000, extended=True) > 0.9
-
-
-def _log_mel_config(tmp_path, **train_overrides):
-    import json
-
-    config = json.loads(TINY_CONFIG.read_text())
-    config["codec"]["decoder"]["output"] = "log_mel"
-    config["codec"]["griffin_lim"] = {"iterations": 8}
-    config["codec"]["train"] |= {"discriminator_start_step": -1, "freeze_tokenizer_step": 0} | train_overrides
-    path = tmp_path / "log_mel.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def test_a_log_mel_decoder_learns_on_the_tokens_of_a_trained_mdct_codec(tmp_path, clip_dir, speech, caplog):
-    import shutil
-
-    mdct_codec = _train_codec(tmp_path, clip_dir, 4, run_dir="mdct")
-    with caplog.at_level("INFO", logger="train"):
-        start = _train_codec(tmp_path, clip_dir, 0, run_dir="mel", extra=(
-            "--config", str(_log_mel_config(tmp_path)), "--init_from", str(mdct_codec)))
-    assert "decoder.conv_out start afresh" in caplog.text
-    start = shutil.copy(start, tmp_path / "mel_step0.pt")  # the run resumes from it; keep_last would prune it
-    end = _train_codec(tmp_path, clip_dir, 150, run_dir="mel", extra=("--config", str(_log_mel_config(tmp_path))))
-    wav = torch.from_numpy(speech)[None]
-    log_mel = LogMel.from_config(load_config(TINY_CONFIG))
-
-    def spectrum_error(path):
-        codec = Codec.load(path)
-        with torch.inference_mode():
-            decoded = codec.decode_spectrum(codec.encode(wav))
-            return F.l1_loss(decoded, log_mel(codec.pad(wav))).item()
-
-    with torch.inference_mode():
-        tokens = Codec.load(mdct_codec).encode(wav)
-        trained = Codec.load(end)
-        assert torch.equal(trained.encode(wav), tokens), "the tokens of the MDCT codec stay valid"
-        assert trained.decode(tokens, wav.shape[-1]).shape == wav.shape
-    # The fresh head starts at the data's mean spectrum (Codec.init_data_statistics), so the bar is the best
-    # constant spectrum: a decoder below it has learned from the tokens.
-    target = log_mel(Codec.load(end).pad(wav))
-    constant = F.l1_loss(target.median(dim=-1, keepdim=True).values.expand_as(target), target).item()
-    assert spectrum_error(start) > 0.95 * constant
-    assert spectrum_error(end) < 0.8 * constant
-
-
-def test_a_log_mel_decoder_refuses_the_discriminator(tmp_path, clip_dir, capsys):
-    config = _log_mel_config(tmp_path, discriminator_start_step=0)
-    argv = ["--stage", "codec", "--config", str(config), "--checkpoint_dir", str(tmp_path / "run"),
-            "--train_dir", str(clip_dir), "--max_steps", "1", "--device", "cpu"]
-    assert train.main(argv) == 2
-    assert "discriminator_start_step to -1" in capsys.readouterr().err
-
-
-def test_quantiser_warm_up_ends_in_k_means_codebooks_that_fit_the_latent(tmp_path, clip_dir, speech, caplog):
-    import shutil
-
-    config = json.loads(TINY_CONFIG.read_text())
-    config["codec"]["train"] |= {"quantizer_warmup_steps": 4, "init_segments": 32, "kmeans_iterations": 10}
-    path = tmp_path / "warm_up.json"
-    path.write_text(json.dumps(config))
-    extra = ("--config", str(path))
-    warm = shutil.copy(_train_codec(tmp_path, clip_dir, 4, run_dir="resumed", extra=extra), tmp_path / "warm.pt")
-    with caplog.at_level("INFO", logger="train"):
-        resumed = _train_codec(tmp_path, clip_dir, 6, run_dir="resumed", extra=extra)
-    assert "codebooks set by k-means" in caplog.text
-    straight = _train_codec(tmp_path, clip_dir, 6, run_dir="straight", extra=extra)
-    a, b = torch.load(straight, weights_only=False)["model"], torch.load(resumed, weights_only=False)["model"]
-    assert all(torch.equal(value, b[name]) for name, value in a.items()), "k-means at a resume gives the same codec"
-
-    def quantisation_error(checkpoint):
-        """Relative distance between what the decoder gets from the tokens and from the continuous latent."""
-        codec = Codec.load(checkpoint)
-        with torch.inference_mode():
-            latent = codec.encoder(codec.mdct(codec.pad(torch.from_numpy(speech)[None])))
-            quantised = codec.quantizer(latent).latent
-            codec.bypass_quantizer(True)
-            continuous = codec.quantizer(latent).latent
-        return ((quantised - continuous).norm() / continuous.norm()).item()
-
-    before, after = quantisation_error(warm), quantisation_error(resumed)
-    assert after < 0.5 * before, f"quantisation error {before:.3f} (random codebook) -> {after:.3f} (k-means)"
-
-
-def test_a_fresh_log_mel_codec_starts_from_the_statistics_of_its_training_speech(tmp_path, clip_dir, speech):
-    """Standardised log-mel input and a decoder whose mean spectrum is the data's, before the first step."""
-    config = json.loads(_log_mel_config(tmp_path, freeze_tokenizer_step=-1).read_text())
-    config["codec"]["encoder"] |= {"input": "log_mel", "latent_rate_trunk": True}
-    config["codec"]["decoder"]["latent_rate_trunk"] = True
-    path = tmp_path / "fresh.json"
-    path.write_text(json.dumps(config))
-    codec = Codec.load(_train_codec(tmp_path, clip_dir, 0, extra=("--config", str(path))))
-    wav = codec.pad(torch.from_numpy(speech)[None])  # the only training speech, so its statistics are the data's
-    with torch.inference_mode():
-        analysis = codec.analyse(wav)
-        decoded = codec.decode_spectrum(codec.encode(wav))
-        target = LogMel.from_config(codec.config)(wav)
-    assert analysis.mean(dim=-1).abs().mean() < 0.3 and (analysis.std(dim=-1) - 1).abs().mean() < 0.3
-    assert (decoded.mean() - target.mean()).abs() < 0.5 < target.mean().abs()
-
-
-def test_a_cool_down_brings_the_learning_rate_to_zero_where_the_run_stops(tmp_path, clip_dir):
-    config = json.loads(TINY_CONFIG.read_text())
-    config["codec"]["train"] |= {"cooldown_steps": 6}
-    config["run"] |= {"log_every": 1}
-    path = tmp_path / "cool.json"
-    path.write_text(json.dumps(config))
-    _train_codec(tmp_path, clip_dir, 4, extra=("--config", str(path)))  # stopped early: full rate, as at step 0
-    _train_codec(tmp_path, clip_dir, 10, extra=("--config", str(path)))  # resumed with the cool-down at its end
-    rate = {step: value for step, _, key, value in _log_rows(tmp_path / "run" / "log.csv") if key == "train/lr"}
-    peak = config["codec"]["train"]["learning_rate"]
-    # train/lr at step s is the rate of the next update: peak * (stop - s) / cooldown_steps within the cool-down.
-    assert rate[3] == pytest.approx(peak * 1 / 6, rel=1e-4)  # the first run cooled towards its own stop at 4
-    assert rate[5] == pytest.approx(peak * 5 / 6, rel=1e-4) and rate[10] == 0.0
-
-
-def _split_vq_config(tmp_path, **overrides):
-    """The tiny codec with the demo codec's tokenizer: frame means of the log-mel, split VQ fitted by k-means."""
-    config = json.loads(_log_mel_config(tmp_path, init_segments=32, kmeans_iterations=10).read_text())
-    config["codec"]["encoder"] |= {"input": "log_mel", "kind": "frame_mean", "latent_dim": 80}
-    config["codec"]["decoder"] |= {"skip": True, "latent_rate_trunk": True}
-    config["codec"]["quantizer"] = {"num_groups": 16, "codebook_size": 64, "projection": False} | overrides
-    path = tmp_path / "split_vq.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def test_a_split_vq_codec_reconstructs_speech_before_training_and_training_keeps_its_tokens(
-        tmp_path, clip_dir, speech, caplog):
-    import shutil
-
-    from pystoi import stoi
-
-    config = ("--config", str(_split_vq_config(tmp_path)))
-    with caplog.at_level("INFO", logger="train"):
-        start = shutil.copy(_train_codec(tmp_path, clip_dir, 0, extra=config), tmp_path / "step0.pt")
-    assert "codebooks set by k-means on the fixed encoder's latents" in caplog.text
-    wav = torch.from_numpy(speech)[None]
-    fresh = Codec.load(start)
-    with torch.inference_mode():
-        tokens = fresh.encode(wav)
-        score = stoi(speech, fresh.decode(tokens, wav.shape[-1])[0].numpy(), 16000, extended=True)
-        assert score > 0.75
-        # Token n reads only band group n: changing the top bands' frame means changes only the last stream.
-        frames = fresh.encoder(fresh.analyse(fresh.pad(wav)))
-        frames[:, -5:] += 3.0
-        changed = fresh.quantizer(frames).tokens != tokens
-    assert changed[:, -1].any() and not changed[:, :-1].any()
-
-    caplog.clear()
-    with caplog.at_level("INFO", logger="train"):
-        trained = Codec.load(_train_codec(tmp_path, clip_dir, 6, extra=config))  # resumes: k-means never again
-        moved_on = Codec.load(_train_codec(tmp_path, clip_dir, 2, run_dir="init_from",
-                                           extra=(*config, "--init_from", str(start))))
-    assert "k-means" not in caplog.text
-    with torch.inference_mode():
-        assert torch.equal(trained.encode(wav), tokens) and torch.equal(moved_on.encode(wav), tokens)
-    assert Codec.tokenizer_digest(trained.checkpoint_payload()) == Codec.tokenizer_digest(fresh.checkpoint_payload())
-    assert not torch.equal(trained.decoder.conv_out.parametrizations.weight.original0,
-                           fresh.decoder.conv_out.parametrizations.weight.original0)
-
-
-def test_a_split_vq_codec_with_projections_is_refused_by_name(tmp_path, clip_dir, capsys):
-    assert train.main(["--stage", "codec", "--config", str(_split_vq_config(tmp_path, projection=True)),
-                       "--checkpoint_dir", str(tmp_path / "run"), "--train_dir", str(clip_dir), "--max_steps", "1",
-                       "--device", "cpu"]) == 2
-    assert "codec.quantizer.projection false" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
+        checkpoint.load_enhancer(moved / "enhancer.pt")

@@ -1,52 +1,53 @@
 """Bad input, wrong arguments and interrupted runs: a clear line for each, nothing lost, nothing done twice."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
+import checkpoint
 import inference
 import train
-from conftest import REPO, TINY_CONFIG
-from models.codec import Codec
-from models.paragse import ParaGSE
+from conftest import REPO, TINY_CONFIG, latest_checkpoint, write_config
+from models import build_codec, build_enhancer
 from utils import load_audio, load_config, save_audio, seed_everything
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
-    """A random-weight tiny ParaGSE checkpoint (with its codec) and the bare codec checkpoint."""
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random-weight tiny ParaGSE checkpoint (carrying its codec) and the bare codec checkpoint."""
     folder = tmp_path_factory.mktemp("ckpt")
     config = load_config(TINY_CONFIG)
     seed_everything(0)
-    codec = Codec.from_config(config)
-    model = ParaGSE(config, codec.num_streams, codec.codebook_size)
-    torch.save(model.checkpoint_payload(codec.checkpoint_payload()), folder / "enhancer.pt")
-    codec.save(folder / "codec.pt")
+    codec = build_codec(config["codec"], config["sample_rate"])
+    model = build_enhancer(config["enhancer"], codec)
+    codec_payload = checkpoint.codec_payload(codec)
+    checkpoint.save(folder / "enhancer.pt", checkpoint.enhancer_payload(model, codec_payload, config["inference"]))
+    checkpoint.save(folder / "codec.pt", codec_payload)
     return folder / "enhancer.pt", folder / "codec.pt"
 
 
-def _write(path, audio, rate, **kwargs):
+def _write(path: Path, audio: np.ndarray, rate: int, **kwargs: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), audio, rate, **kwargs)
 
 
-def _bad_input_folder(root, speech):
+def _bad_input_folder(root: Path, speech: np.ndarray) -> dict[str, tuple[str, str | None]]:
     """One file of every awkward kind; returns {relative name: expected outcome}."""
     import soxr
 
     clip = speech[:16000]
     expected = {}
 
-    def good(name, audio, rate, note=None, **kwargs):
+    def good(name: str, audio: np.ndarray, rate: int, note: str | None = None, **kwargs: str) -> None:
         _write(root / name, audio, rate, **kwargs)
         expected[name] = ("ok", note)
 
@@ -66,7 +67,7 @@ def _bad_input_folder(root, speech):
     good("nan_inf.wav", nan, 16000, note="NaN/Inf", subtype="FLOAT")
     good("silent.wav", np.zeros(16000, np.float32), 16000, note="silent")
 
-    def bad(name, reason, content=None, audio=None):
+    def bad(name: str, reason: str, content: bytes | None = None, audio: np.ndarray | None = None) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if audio is not None:
@@ -87,15 +88,19 @@ def _bad_input_folder(root, speech):
     return expected
 
 
-def test_every_bad_file_is_named_and_every_good_file_enhanced(tmp_path, speech, tiny_checkpoints, capsys,
-                                                               monkeypatch):
+def test_every_bad_file_is_named_and_every_good_file_enhanced(
+        tmp_path: Path, speech: np.ndarray, tiny_checkpoints: tuple[Path, Path], capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder of awkward files (any rate, channels, format, NaNs, silence; empty, corrupt, too short, unreadable):
+    every usable one is enhanced to 16 kHz mono PCM-16 of its length with a note of what was changed, every other
+    one is named with its reason, the exit code is 1, and a second run redoes nothing."""
     enhancer, _ = tiny_checkpoints
     root, out = tmp_path / "in", tmp_path / "out"
     expected = _bad_input_folder(root, speech)
     # Tests run as root, for whom chmod 000 does not stop reading: refuse that one file as the OS would.
     real_read = sf.read
 
-    def read(path, *args, **kwargs):
+    def read(path: str, *args, **kwargs) -> tuple[np.ndarray, int]:
         if str(path).endswith("locked.wav"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_read(path, *args, **kwargs)
@@ -135,7 +140,10 @@ def test_every_bad_file_is_named_and_every_good_file_enhanced(tmp_path, speech, 
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary files behind
 
 
-def test_output_folder_that_would_overwrite_inputs_is_refused(tmp_path, speech, tiny_checkpoints, capsys):
+def test_output_folder_that_would_overwrite_inputs_is_refused(tmp_path: Path, speech: np.ndarray,
+                                                              tiny_checkpoints: tuple[Path, Path],
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Writing outputs over the inputs is refused in one line; a sub-folder of the input is fine and not read back."""
     enhancer, _ = tiny_checkpoints
     save_audio(tmp_path / "in" / "a.wav", speech[:16000])
     before = (tmp_path / "in" / "a.wav").read_bytes()
@@ -150,11 +158,11 @@ def test_output_folder_that_would_overwrite_inputs_is_refused(tmp_path, speech, 
     assert (nested / "a.wav").is_file() and not (nested / "enhanced").exists()
 
 
-def _cli(*argv):
+def _cli(*argv: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def _assert_one_line_error(result, *words):
+def _assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
@@ -162,26 +170,47 @@ def _assert_one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
+class _RunsCode:
+    """Unpickling it would create the folder `marker`: what a malicious checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.marker),)
+
+
 @pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory, tiny_checkpoints):
+def cli_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Path, Path]) -> Path:
+    """A folder of broken inputs for the command-line tools: audio, an empty folder, bad checkpoints and configs."""
     folder = tmp_path_factory.mktemp("cli")
     save_audio(folder / "in" / "a.wav", np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1)
     (folder / "empty").mkdir()
     (folder / "corrupt.pt").write_bytes(b"not a checkpoint at all")
     enhancer, codec = tiny_checkpoints
-    payload = torch.load(enhancer, weights_only=False)
-    payload["config"]["enhancer"]["conformer"]["ff_mult"] = 3  # config no longer matches the stored weights
-    torch.save(payload, folder / "mismatch.pt")
-    payload = torch.load(enhancer, weights_only=False)
-    payload["config"]["enhancer"]["conformer"]["colour"] = "blue"
-    torch.save(payload, folder / "unknown_key.pt")
-    (folder / "bad.json").write_text(json.dumps({"codec": {"train": {"learning_rat": 1e-3}}}))
+    payload = checkpoint.load(enhancer)
+    payload["config"]["conformer"]["ff_mult"] = 3  # config no longer matches the stored weights
+    checkpoint.save(folder / "mismatch.pt", payload)
+    payload = checkpoint.load(enhancer)
+    payload["config"]["conformer"]["colour"] = "blue"
+    checkpoint.save(folder / "unknown_key.pt", payload)
+    torch.save(checkpoint.load(enhancer) | {"extra": _RunsCode(folder / "code_ran")}, folder / "unsafe.pt")
+    write_config(folder / "typo.json", {"codec_training": {"learning_rat": 1e-3}})
+    # "class" switches the section to another codec, whose keys are checked when it is built
+    write_config(folder / "switched.json", {"codec": {"class": "MelCodec", "mdct": {"frame_length": 80,
+                                                                                   "hop_length": 40}}})
+    nested = load_config(REPO / "configs" / "demo_codec.json")["codec"]
+    nested["quantizer"]["projection"] = False
+    write_config(folder / "switched_nested.json", {"codec": nested})
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "missing_ckpt", "corrupt_ckpt", "wrong_stage",
-                                  "shape_mismatch", "unknown_key_in_checkpoint", "cuda"])
-def test_inference_argument_errors_are_one_line_exit_2(case, cli_inputs, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "missing_ckpt", "corrupt_ckpt", "unsafe_ckpt",
+                                  "wrong_kind", "shape_mismatch", "unknown_key_in_checkpoint", "cuda"])
+def test_inference_argument_errors_are_one_line_exit_2(case: str, cli_inputs: Path,
+                                                       tiny_checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each wrong argument or bad checkpoint is one line naming it, exit code 2, and no output; a checkpoint whose
+    loading would run code is refused without running it."""
     enhancer, codec = tiny_checkpoints
     f = cli_inputs
     base = ["inference.py", "--output_dir", tmp_path / "out"]
@@ -190,7 +219,8 @@ def test_inference_argument_errors_are_one_line_exit_2(case, cli_inputs, tiny_ch
         "empty_dir": (["--input_dir", f / "empty", "--checkpoint", enhancer], ["no .wav"]),
         "missing_ckpt": (["--input_dir", f / "in", "--checkpoint", f / "absent.pt"], ["absent.pt", "not found"]),
         "corrupt_ckpt": (["--input_dir", f / "in", "--checkpoint", f / "corrupt.pt"], ["corrupt.pt", "corrupt"]),
-        "wrong_stage": (["--input_dir", f / "in", "--checkpoint", codec], ["codec.pt", "'codec'"]),
+        "unsafe_ckpt": (["--input_dir", f / "in", "--checkpoint", f / "unsafe.pt"], ["unsafe.pt", "not safe"]),
+        "wrong_kind": (["--input_dir", f / "in", "--checkpoint", codec], ["codec.pt", "holds a codec"]),
         "shape_mismatch": (["--input_dir", f / "in", "--checkpoint", f / "mismatch.pt"], ["mismatch.pt"]),
         "unknown_key_in_checkpoint": (["--input_dir", f / "in", "--checkpoint", f / "unknown_key.pt"], ["colour"]),
         "cuda": (["--input_dir", f / "in", "--checkpoint", enhancer, "--device", "cuda"], ["CUDA"]),
@@ -200,35 +230,43 @@ def test_inference_argument_errors_are_one_line_exit_2(case, cli_inputs, tiny_ch
     argv, words = cases[case]
     _assert_one_line_error(_cli(*base, *argv), *words)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.wav"))
+    assert not (f / "code_ran").exists()
 
 
-def test_training_config_with_unknown_key_is_one_line_exit_2(cli_inputs, tmp_path):
-    result = _cli("train.py", "--stage", "codec", "--config", cli_inputs / "bad.json", "--checkpoint_dir",
+@pytest.mark.parametrize("config, words", [
+    ("typo.json", ["codec_training.learning_rat", "learning_rate"]),
+    ("switched.json", ["codec.mdct", "MelCodec"]),
+    ("switched_nested.json", ["codec", "projection"]),
+], ids=["typo", "key_of_the_other_class", "nested_key_of_the_other_class"])
+def test_training_config_with_unknown_key_is_one_line_exit_2(cli_inputs: Path, tmp_path: Path, config: str,
+                                                             words: list[str]) -> None:
+    """A config key that neither the defaults nor (after a "class" switch) the chosen class takes: one line naming
+    it, exit code 2, no checkpoint."""
+    result = _cli("train.py", "--stage", "codec", "--config", cli_inputs / config, "--checkpoint_dir",
                   tmp_path / "run", "--train_dir", cli_inputs / "in")
-    _assert_one_line_error(result, "codec.train.learning_rat", "learning_rate")
+    _assert_one_line_error(result, *words)
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
-def _codec_argv(run_dir, data_dir, steps, config=TINY_CONFIG):
+def _codec_argv(run_dir: Path, data_dir: Path, steps: int, config: Path = TINY_CONFIG) -> list[str]:
+    """Train the codec on CPU with one thread (in this process or another: the same arithmetic)."""
     return ["--stage", "codec", "--config", str(config), "--checkpoint_dir", str(run_dir), "--train_dir",
-            str(data_dir), "--max_steps", str(steps), "--device", "cpu"]
+            str(data_dir), "--max_steps", str(steps), "--device", "cpu", "--threads", "1"]
 
 
-def _config_with(tmp_path, **run):
+def _config_with(tmp_path: Path, **run: int) -> Path:
     """The tiny config with some `run` settings changed (e.g. checkpoint_every=2)."""
-    config = json.loads(TINY_CONFIG.read_text())
-    config["run"].update(run)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    return path
+    return write_config(tmp_path / "config.json", {"base": "tiny.json", "run": run})
 
 
-def test_sigterm_saves_a_resumable_checkpoint(tmp_path, speech):
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, speech: np.ndarray) -> None:
+    """SIGTERM to the whole job (data workers included) mid-run: a checkpoint is saved, the exit is clean, and
+    resuming gives exactly what an uninterrupted run gives."""
     save_audio(tmp_path / "data" / "a.wav", speech)
     run_dir = tmp_path / "killed"
-    config = json.loads(TINY_CONFIG.read_text())
-    config["data"]["num_workers"] = 1  # `kill` of the job signals the loader's worker too
-    (tmp_path / "workers.json").write_text(json.dumps(config))
-    argv = _codec_argv(run_dir, tmp_path / "data", 100000, tmp_path / "workers.json")
+    config = write_config(tmp_path / "workers.json",  # `kill` of the job signals the loader's worker too
+                          {"base": "tiny.json", "data": {"num_workers": 1}})
+    argv = _codec_argv(run_dir, tmp_path / "data", 100000, config)
     process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -238,25 +276,27 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, speech):
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert "SIGTERM" in output
-    saved = torch.load(sorted(run_dir.glob("checkpoint_*.pt"))[-1], weights_only=False)
-    step = saved["step"]
+    step = checkpoint.load(latest_checkpoint(run_dir))["training"]["step"]
     assert 0 < step < 100000
 
     # Restarting continues from that step: two more steps give exactly what an uninterrupted run gives.
-    config = tmp_path / "workers.json"
     assert train.main(_codec_argv(run_dir, tmp_path / "data", step + 2, config)) == 0
     assert train.main(_codec_argv(tmp_path / "straight", tmp_path / "data", step + 2, config)) == 0
-    resumed = torch.load(sorted(run_dir.glob("checkpoint_*.pt"))[-1], weights_only=False)
-    straight = torch.load(sorted((tmp_path / "straight").glob("checkpoint_*.pt"))[-1], weights_only=False)
-    assert resumed["step"] == straight["step"] == step + 2
-    for key in ("model", "discriminator"):
-        assert all(torch.equal(v, resumed[key][k]) for k, v in straight[key].items())
-    for key in ("optimizer_g", "optimizer_d"):
-        a, b = straight[key]["state"], resumed[key]["state"]
-        assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    resumed = checkpoint.load(latest_checkpoint(run_dir))
+    straight = checkpoint.load(latest_checkpoint(tmp_path / "straight"))
+    assert resumed["training"]["step"] == straight["training"]["step"] == step + 2
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+    discriminator = resumed["training"]["discriminator"]
+    assert all(torch.equal(v, discriminator[k]) for k, v in straight["training"]["discriminator"].items())
+    for name in ("generator", "discriminator"):
+        a = straight["training"]["optimizers"][name]["state"]
+        b = resumed["training"]["optimizers"][name]["state"]
+        assert a and all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, speech, caplog):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, speech: np.ndarray,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated newest checkpoint is skipped with a warning naming it; the run resumes from the one before."""
     save_audio(tmp_path / "data" / "a.wav", speech)
     run_dir, config = tmp_path / "run", _config_with(tmp_path, checkpoint_every=2)
     assert train.main(_codec_argv(run_dir, tmp_path / "data", 4, config)) == 0  # checkpoints at 2 and 4
@@ -266,23 +306,22 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, spee
         assert train.main(_codec_argv(run_dir, tmp_path / "data", 5, config)) == 0
     assert any("checkpoint_00000004.pt" in r.message and "corrupt" in r.message for r in caplog.records)
     assert any("resuming from" in r.message and "checkpoint_00000002.pt" in r.message for r in caplog.records)
-    assert torch.load(sorted(run_dir.glob("checkpoint_*.pt"))[-1], weights_only=False)["step"] == 5
+    assert checkpoint.load(latest_checkpoint(run_dir))["training"]["step"] == 5
 
 
-def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path, speech, monkeypatch, capsys):
+def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path: Path, speech: np.ndarray,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Non-finite losses are skipped; run.max_nonfinite_steps of them in a row stop training with exit code 1."""
     save_audio(tmp_path / "data" / "a.wav", speech)
-    config = json.loads(TINY_CONFIG.read_text())
-    config["run"]["max_nonfinite_steps"] = 3
-    path = tmp_path / "nan.json"
-    path.write_text(json.dumps(config))
+    config = write_config(tmp_path / "nan.json", {"base": "tiny.json", "run": {"max_nonfinite_steps": 3}})
     monkeypatch.setattr(train.F, "mse_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    argv = _codec_argv(tmp_path / "run", tmp_path / "data", 50)
-    argv[argv.index(str(TINY_CONFIG))] = str(path)
-    assert train.main(argv) == 1
+    assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 50, config)) == 1
     assert "3 non-finite losses in a row" in capsys.readouterr().err
 
 
-def test_keep_last_prunes_old_checkpoints(tmp_path, speech):
+def test_keep_last_prunes_old_checkpoints(tmp_path: Path, speech: np.ndarray) -> None:
+    """--keep_last N keeps the N newest checkpoints of a run."""
     save_audio(tmp_path / "data" / "a.wav", speech)
     config = _config_with(tmp_path, checkpoint_every=2)
     assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 7, config) + ["--keep_last", "2"]) == 0
