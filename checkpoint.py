@@ -47,7 +47,9 @@ def load(path: str | Path, kind: str | None = None) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated, foreign or code-carrying files
-        reason = "it holds objects other than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
+        reason = type(e).__name__
+        if "weights_only" in str(e):
+            reason = "it holds objects other than tensors and plain values"
         raise UserError(f"checkpoint {path} is corrupt, not a checkpoint or not safe to load ({reason}); a file of "
                         f"this project's earlier format converts with `python checkpoint.py convert`") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -68,22 +68,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------- data
 def training_pairs(args: argparse.Namespace, config: dict, segment_length: int) -> Dataset:
     """Paired folders if given, else clean speech with on-the-fly degradation."""
-    seed = config["data"]["seed"]
+    seed, rate = config["data"]["seed"], config["sample_rate"]
     if args.train_degraded_dir or args.train_clean_dir:
         return data.PairedDataset(require_dir(args.train_degraded_dir, "--train_degraded_dir"),
-                                  require_dir(args.train_clean_dir, "--train_clean_dir"), segment_length, seed)
+                                  require_dir(args.train_clean_dir, "--train_clean_dir"), segment_length, seed, rate)
     return data.DegradedDataset(require_dir(args.train_dir, "--train_dir"), require_dir(args.noise_dir, "--noise_dir"),
-                                args.rir_dir, config["data"], segment_length, seed)
+                                args.rir_dir, config["data"], segment_length, seed, rate)
 
 
 def validation_pairs(args: argparse.Namespace, config: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A few fixed whole-file (degraded, clean) pairs for validating an enhancer."""
+    rate = config["sample_rate"]
     if args.valid_degraded_dir:
         ds = data.PairedDataset(require_dir(args.valid_degraded_dir, "--valid_degraded_dir"),
-                                require_dir(args.valid_clean_dir, "--valid_clean_dir"), None, 0)
+                                require_dir(args.valid_clean_dir, "--valid_clean_dir"), None, 0, rate)
     elif args.valid_dir and args.noise_dir:
         ds = data.DegradedDataset(require_dir(args.valid_dir, "--valid_dir"), Path(args.noise_dir), args.rir_dir,
-                                  config["data"], None, 0)
+                                  config["data"], None, 0, rate)
     else:
         return []
     return [ds[i] for i in range(min(config["data"]["validation_files"], len(ds)))]
@@ -357,7 +358,8 @@ def token_accuracies(predicted: torch.Tensor, clean_tokens: torch.Tensor,
 
 
 # -------------------------------------------------------------------------------------------------- loop
-def validate(stage: CodecStage | EnhancerStage, pairs: list, run: TrainingRun, compute_hours: float, config: dict) -> None:
+def validate(stage: CodecStage | EnhancerStage, pairs: list, run: TrainingRun, compute_hours: float,
+             config: dict) -> None:
     """Scores of the stage's output for every (input, reference) pair; audio of the first two to TensorBoard."""
     from metrics import score_pair  # imported lazily: scoring pulls in pesq, pystoi and onnxruntime
 
@@ -366,7 +368,8 @@ def validate(stage: CodecStage | EnhancerStage, pairs: list, run: TrainingRun, c
     for i, (source, reference) in enumerate(pairs):
         source, reference = source.to(stage.device), reference.to(stage.device)
         output, extra = stage.validate_one(source, reference)
-        scores = score_pair(output.cpu().numpy(), reference.cpu().numpy(), rate, dnsmos=config["run"]["validation_dnsmos"])
+        scores = score_pair(output.cpu().numpy(), reference.cpu().numpy(), rate,
+                            dnsmos=config["run"]["validation_dnsmos"])
         for key, value in (extra | scores).items():
             sums.setdefault(f"valid/{key}", []).append(value)
         if i < 2:
@@ -393,7 +396,7 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     if kind == "codec":
         stage = CodecStage(config, device, world, max_steps)
         train_set = data.CleanSegmentDataset(require_dir(args.train_dir, "--train_dir"), stage_cfg["segment_length"],
-                                             config["data"]["seed"])
+                                             config["data"]["seed"], config["sample_rate"])
         valid = validation_clean(args, config) if rank == 0 else []
     else:
         if resumed:

@@ -121,7 +121,7 @@ def find_audio_files(root: str | Path, extensions: tuple[str, ...] = AUDIO_EXTEN
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
 
 
-def load_audio(path: str | Path, sample_rate: int = 16000) -> tuple[np.ndarray, list[str]]:
+def load_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, list[str]]:
     """Read any wav/flac/ogg file as mono float32 at `sample_rate`.
 
     Returns (samples, notes): notes say how the input was changed ("resampled 48000→16000", ...).
@@ -190,7 +190,7 @@ def require_dir(path: str | Path | None, flag: str) -> Path:
     return p
 
 
-def save_audio(path: str | Path, audio: np.ndarray | torch.Tensor, sample_rate: int = 16000) -> None:
+def save_audio(path: str | Path, audio: np.ndarray | torch.Tensor, sample_rate: int) -> None:
     """Write mono PCM-16 wav atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     if isinstance(audio, torch.Tensor):

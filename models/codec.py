@@ -116,7 +116,8 @@ def _check_keys(cls: type, section: dict, where: str) -> dict:
     unknown = [key for key in section if key not in accepted]
     missing = [name for name in accepted if name not in section and parameters[name].default is inspect.Parameter.empty]
     if unknown:
-        raise UserError(f"unknown config key '{where}.{unknown[0]}' for {cls.__name__} (it takes {', '.join(accepted)})")
+        raise UserError(f"unknown config key '{where}.{unknown[0]}' for {cls.__name__} "
+                        f"(it takes {', '.join(accepted)})")
     if missing:
         raise UserError(f"config key '{where}.{missing[0]}' is missing for {cls.__name__}")
     return section

@@ -46,19 +46,19 @@ def example_clips() -> list[Path]:
 @pytest.fixture(scope="session")
 def speech() -> np.ndarray:
     """A real recorded speech clip (held-out CC-BY-SA example), 16 kHz mono float32."""
-    return load_audio(example_clips()[0])[0]
+    return load_audio(example_clips()[0], 16000)[0]
 
 
 @pytest.fixture(scope="session")
 def other_speech() -> np.ndarray:
-    return load_audio(example_clips()[1])[0]
+    return load_audio(example_clips()[1], 16000)[0]
 
 
 @pytest.fixture()
 def clip_dir(tmp_path: Path, speech: np.ndarray) -> Path:
     """A training folder holding the one speech clip."""
     folder = tmp_path / "clip"
-    save_audio(folder / "speech.wav", speech)
+    save_audio(folder / "speech.wav", speech, 16000)
     return folder
 
 

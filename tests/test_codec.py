@@ -62,7 +62,7 @@ def test_mdct_reconstructs_real_speech_exactly(speech: np.ndarray, other_speech:
 
 def test_mdct_correlation_measures_phase_not_magnitude() -> None:
     """bin_correlation is 1 for the same coefficients at any level, -1 for flipped ones, ~0 for random signs."""
-    clips = [load_audio(path)[0] for path in example_clips()]
+    clips = [load_audio(path, 16000)[0] for path in example_clips()]
     length = min(len(c) for c in clips)
     mdct = MDCT(80, 40)(torch.from_numpy(np.stack([c[:length] for c in clips])))  # 5 clips pooled
     random_signs = torch.where(torch.rand(mdct.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)

@@ -64,11 +64,11 @@ def dataset(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     for i in range(3):
         clean = speech_like(2.0, seed=i)
-        save_audio(root / "C" / f"u{i}.wav", clean)
+        save_audio(root / "C" / f"u{i}.wav", clean, 16000)
         for snr in (5, 15):
             noisy = add_noise(clean, snr, seed=10 * i + snr)
-            save_audio(root / "D" / f"noisy{snr}" / f"u{i}.wav", noisy)
-            save_audio(root / "E" / f"noisy{snr}" / f"u{i}.wav", clean + 0.3 * (noisy - clean))
+            save_audio(root / "D" / f"noisy{snr}" / f"u{i}.wav", noisy, 16000)
+            save_audio(root / "E" / f"noisy{snr}" / f"u{i}.wav", clean + 0.3 * (noisy - clean), 16000)
     (root / "E" / "noisy5" / "u2.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt garbage")
     return {"root": root, "E": root / "E", "C": root / "C", "D": root / "D"}
 
@@ -140,8 +140,8 @@ def test_unscorable_pairs_raise_with_reason(clean, enhanced, reason):
 def test_dnsmos_scores_are_mos_values(tmp_path):
     """DNSMOS through the CLI on one short file, in-process (bundled ONNX models, no download)."""
     clean = speech_like(2.0, seed=7)
-    save_audio(tmp_path / "C" / "a.wav", clean)
-    save_audio(tmp_path / "E" / "a.wav", add_noise(clean, 20, seed=1))
+    save_audio(tmp_path / "C" / "a.wav", clean, 16000)
+    save_audio(tmp_path / "E" / "a.wav", add_noise(clean, 20, seed=1), 16000)
     out = tmp_path / "r.csv"
     assert evaluate.main(["--enhanced_dir", str(tmp_path / "E"), "--clean_dir", str(tmp_path / "C"),
                           "--output", str(out), "--workers", "1"]) == 0
@@ -195,7 +195,7 @@ def test_manifest_and_missing_counterpart(dataset, tmp_path, capsys):
     manifest.write_text("file,condition,snr\nnoisy15/u0.wav,easy,15\nu1.wav,hard,5\n")
     extra = tmp_path / "E"
     for rel in ("noisy15/u0.wav", "noisy15/u1.wav", "orphan.wav"):
-        save_audio(extra / rel, speech_like(1.0, seed=9))
+        save_audio(extra / rel, speech_like(1.0, seed=9), 16000)
     out = tmp_path / "r.csv"
     code = evaluate.main(["--enhanced_dir", str(extra), "--clean_dir", str(dataset["C"]), "--manifest",
                           str(manifest), "--output", str(out), "--workers", "1", "--no_dnsmos"])
@@ -213,7 +213,7 @@ def test_manifest_and_missing_counterpart(dataset, tmp_path, capsys):
 def test_user_errors_exit_2_with_one_line(dataset, tmp_path, capsys, problem):
     enhanced = tmp_path / "nope" if problem == "missing folder" else tmp_path / "E"
     if problem == "no pairs":
-        save_audio(enhanced / "unrelated.wav", speech_like(0.5))
+        save_audio(enhanced / "unrelated.wav", speech_like(0.5), 16000)
     code = evaluate.main(["--enhanced_dir", str(enhanced), "--clean_dir", str(dataset["C"]),
                           "--output", str(tmp_path / "r.csv"), "--no_dnsmos"])
     captured = capsys.readouterr()

@@ -110,8 +110,8 @@ def _write_pair(folder: Path, speech: np.ndarray, seconds: float = 2.0, snr_db: 
     clean = speech[: int(seconds * 16000)]
     noise = np.random.default_rng(0).standard_normal(clean.shape[0]).astype(np.float32)
     noise *= np.sqrt(np.mean(clean**2) / np.mean(noise**2) / 10 ** (snr_db / 10))
-    save_audio(folder / "clean" / "pair.wav", clean)
-    save_audio(folder / "noisy" / "pair.wav", clean + noise)
+    save_audio(folder / "clean" / "pair.wav", clean, 16000)
+    save_audio(folder / "noisy" / "pair.wav", clean + noise, 16000)
     return folder / "noisy", folder / "clean"
 
 
@@ -128,8 +128,8 @@ def _one_pair_config(tmp_path: Path, base: Path) -> tuple[Path, Path]:
 def _accuracy(path: Path, noisy_dir: Path, clean_dir: Path) -> tuple[float, float]:
     """(token accuracy of the enhancer's prediction, of copying the degraded tokens) on the pair."""
     model, codec, _ = checkpoint.load_enhancer(path)
-    degraded = torch.from_numpy(load_audio(noisy_dir / "pair.wav")[0])[None]
-    clean = torch.from_numpy(load_audio(clean_dir / "pair.wav")[0])[None]
+    degraded = torch.from_numpy(load_audio(noisy_dir / "pair.wav", 16000)[0])[None]
+    clean = torch.from_numpy(load_audio(clean_dir / "pair.wav", 16000)[0])[None]
     with torch.inference_mode():
         degraded_tokens, clean_tokens = codec.encode(degraded), codec.encode(clean)
         predicted = model.predict(model.condition(codec.pad(degraded)), degraded_tokens).argmax(-1)
@@ -157,8 +157,8 @@ def test_tiny_model_overfits_a_real_pair_and_enhances_a_folder(tmp_path: Path, s
     out = tmp_path / "enhanced"
     assert inference.main(["--input_dir", str(noisy_dir), "--output_dir", str(out), "--checkpoint", str(last),
                            "--device", "cpu", "--save_tokens"]) == 0
-    enhanced, notes = load_audio(out / "pair.wav")
-    assert enhanced.shape[0] == load_audio(noisy_dir / "pair.wav")[0].shape[0] and not notes
+    enhanced, notes = load_audio(out / "pair.wav", 16000)
+    assert enhanced.shape[0] == load_audio(noisy_dir / "pair.wav", 16000)[0].shape[0] and not notes
     assert np.load(out / "pair.tokens.npy").shape[0] == 4
 
 

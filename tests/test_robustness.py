@@ -114,7 +114,7 @@ def test_every_bad_file_is_named_and_every_good_file_enhanced(
         output = out / (name + ".wav" if name.startswith("formats/") else os.path.splitext(name)[0] + ".wav")
         if outcome == "ok":
             assert output.is_file(), f"{name} was not enhanced:\n{printed}"
-            audio, notes = load_audio(output)
+            audio, notes = load_audio(output, 16000)
             info = sf.info(str(output))
             assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "PCM_16"
             assert abs(len(audio) - 16000) <= 1, f"{name}: {len(audio)} samples"
@@ -145,7 +145,7 @@ def test_output_folder_that_would_overwrite_inputs_is_refused(tmp_path: Path, sp
                                                               capsys: pytest.CaptureFixture) -> None:
     """Writing outputs over the inputs is refused in one line; a sub-folder of the input is fine and not read back."""
     enhancer, _ = tiny_checkpoints
-    save_audio(tmp_path / "in" / "a.wav", speech[:16000])
+    save_audio(tmp_path / "in" / "a.wav", speech[:16000], 16000)
     before = (tmp_path / "in" / "a.wav").read_bytes()
     code = inference.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "in"),
                            "--checkpoint", str(enhancer)])
@@ -262,7 +262,7 @@ def _config_with(tmp_path: Path, **run: int) -> Path:
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, speech: np.ndarray) -> None:
     """SIGTERM to the whole job (data workers included) mid-run: a checkpoint is saved, the exit is clean, and
     resuming gives exactly what an uninterrupted run gives."""
-    save_audio(tmp_path / "data" / "a.wav", speech)
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
     run_dir = tmp_path / "killed"
     config = write_config(tmp_path / "workers.json",  # `kill` of the job signals the loader's worker too
                           {"base": "tiny.json", "data": {"num_workers": 1}})
@@ -297,7 +297,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, speech: np.ndarray
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, speech: np.ndarray,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A truncated newest checkpoint is skipped with a warning naming it; the run resumes from the one before."""
-    save_audio(tmp_path / "data" / "a.wav", speech)
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
     run_dir, config = tmp_path / "run", _config_with(tmp_path, checkpoint_every=2)
     assert train.main(_codec_argv(run_dir, tmp_path / "data", 4, config)) == 0  # checkpoints at 2 and 4
     newest = run_dir / "checkpoint_00000004.pt"
@@ -313,7 +313,7 @@ def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path: Path, speech:
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:
     """Non-finite losses are skipped; run.max_nonfinite_steps of them in a row stop training with exit code 1."""
-    save_audio(tmp_path / "data" / "a.wav", speech)
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
     config = write_config(tmp_path / "nan.json", {"base": "tiny.json", "run": {"max_nonfinite_steps": 3}})
     monkeypatch.setattr(train.F, "mse_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 50, config)) == 1
@@ -322,7 +322,7 @@ def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path: Path, speech:
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path, speech: np.ndarray) -> None:
     """--keep_last N keeps the N newest checkpoints of a run."""
-    save_audio(tmp_path / "data" / "a.wav", speech)
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
     config = _config_with(tmp_path, checkpoint_every=2)
     assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 7, config) + ["--keep_last", "2"]) == 0
     assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint_*.pt"))] == [
