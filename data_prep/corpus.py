@@ -263,7 +263,8 @@ def write_colored_noise(output_dir: Path, corpus_cfg: dict) -> list[list[Any]]:
             rel = f"noise/{split}/colored/{color}.wav"
             if not (output_dir / rel).exists():
                 rng = np.random.default_rng([corpus_cfg["seed"], 7, s, c])
-                save_audio(output_dir / rel, colored_noise(color, corpus_cfg["colored_noise_seconds"], rng))
+                noise = colored_noise(color, corpus_cfg["colored_noise_seconds"], rng)
+                save_audio(output_dir / rel, noise, SAMPLE_RATE)
             rows.append([rel, split, "colored", color, corpus_cfg["colored_noise_seconds"], "generated (numpy)"])
     return rows
 

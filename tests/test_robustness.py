@@ -184,7 +184,8 @@ class _RunsCode:
 def cli_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Path, Path]) -> Path:
     """A folder of broken inputs for the command-line tools: audio, an empty folder, bad checkpoints and configs."""
     folder = tmp_path_factory.mktemp("cli")
-    save_audio(folder / "in" / "a.wav", np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1)
+    noise = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    save_audio(folder / "in" / "a.wav", noise, 16000)
     (folder / "empty").mkdir()
     (folder / "corrupt.pt").write_bytes(b"not a checkpoint at all")
     enhancer, codec = tiny_checkpoints
