@@ -195,7 +195,7 @@ class CleanSegmentDataset(Dataset):
     """
 
     def __init__(self, root_or_files: str | Path | Sequence[str | Path], segment_length: int | None, seed: int,
-                 sample_rate: int = 16000, segments_per_epoch: int | None = None, cache: bool = True) -> None:
+                 sample_rate: int, segments_per_epoch: int | None = None, cache: bool = True) -> None:
         """root_or_files: folder searched recursively, or a list of files. segments_per_epoch: default (None)
         is total samples // segment_length. cache: hold all audio in memory as int16 (~115 MB per hour)."""
         self.segment_length, self.seed, self.epoch = segment_length, seed, 0
@@ -249,7 +249,7 @@ class PairedDataset(Dataset):
     """
 
     def __init__(self, degraded_root: str | Path, clean_root: str | Path, segment_length: int | None, seed: int,
-                 sample_rate: int = 16000, cache: bool = False) -> None:
+                 sample_rate: int, cache: bool = False) -> None:
         self.segment_length, self.seed, self.epoch, self.sample_rate = segment_length, seed, 0, sample_rate
         self.degraded_root, self.clean_root = Path(degraded_root), Path(clean_root)
         degraded = set(_relative_files(self.degraded_root, "degraded"))
@@ -359,7 +359,7 @@ class DegradedDataset(Dataset):
 
     def __init__(self, clean_root_or_files: str | Path | Sequence[str | Path], noise_root: str | Path | Sequence,
                  rir_root_or_none: str | Path | Sequence | None, config_data: dict, segment_length: int | None,
-                 seed: int, sample_rate: int = 16000, segments_per_epoch: int | None = None,
+                 seed: int, sample_rate: int, segments_per_epoch: int | None = None,
                  cache: bool = True) -> None:
         if "degradation" not in config_data:
             raise UserError("DegradedDataset needs the config's 'data' section (with its 'degradation' object)")

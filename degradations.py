@@ -207,8 +207,8 @@ def check_degradation_config(config: dict) -> None:
 
 
 def degrade(clean: np.ndarray, rng: np.random.Generator, config: dict, noise_bank: AudioBank | None,
-            rir_bank: AudioBank | None, condition: str | None = None,
-            sample_rate: int = 16000) -> tuple[np.ndarray, dict]:
+            rir_bank: AudioBank | None, condition: str | None = None, *,
+            sample_rate: int) -> tuple[np.ndarray, dict]:
     """One random degradation of `clean` (T,) -> ((T,) float32, description).
 
     `config` is "data.degradation". The condition is drawn with its p_<condition> unless given. The description

@@ -119,7 +119,7 @@ def degrade_for_disk(clean: np.ndarray, rng: np.random.Generator, cfg: dict, noi
                      rir_bank: AudioBank | None, condition: str) -> tuple[np.ndarray, dict]:
     """One condition for a file on disk: only the degraded signal is scaled if it would clip, since one clean
     reference file serves every condition; the gain is recorded."""
-    degraded, params = degrade(clean, rng, cfg, noise_bank, rir_bank, condition, SAMPLE_RATE)
+    degraded, params = degrade(clean, rng, cfg, noise_bank, rir_bank, condition, sample_rate=SAMPLE_RATE)
     peak = float(np.max(np.abs(degraded), initial=0.0))
     if peak > cfg["max_peak"]:
         degraded = degraded * (cfg["max_peak"] / peak)

@@ -121,13 +121,14 @@ def test_degrade_is_deterministic_and_covers_every_condition(degradation: dict, 
     noise, rir = banks
     seen = set()
     for i in range(40):
-        a, desc_a = degradations.degrade(clean, np.random.default_rng([9, i]), degradation, noise, rir)
-        b, desc_b = degradations.degrade(clean, np.random.default_rng([9, i]), degradation, noise, rir)
+        a, desc_a = degradations.degrade(clean, np.random.default_rng([9, i]), degradation, noise, rir, sample_rate=SR)
+        b, desc_b = degradations.degrade(clean, np.random.default_rng([9, i]), degradation, noise, rir, sample_rate=SR)
         assert np.array_equal(a, b) and desc_a == desc_b
         assert a.shape == clean.shape and a.dtype == np.float32
         seen.add(desc_a["condition"])
     assert seen == set(degradations.CONDITIONS)
-    mixture, desc = degradations.degrade(clean, np.random.default_rng(0), degradation, noise, rir, condition="mixture")
+    mixture, desc = degradations.degrade(clean, np.random.default_rng(0), degradation, noise, rir, condition="mixture",
+                                         sample_rate=SR)
     assert {"rir", "rt60", "snr_db", "noise"} <= set(desc)
     assert degradation["mixture_snr_db"][0] <= desc["snr_db"] <= degradation["mixture_snr_db"][1]
 
@@ -148,8 +149,8 @@ def clean_dir(tmp_path: Path) -> Path:
 
 
 def test_clean_segments_are_deterministic_and_padded(clean_dir: Path) -> None:
-    ds = data.CleanSegmentDataset(clean_dir, 8000, seed=3)
-    again = data.CleanSegmentDataset(clean_dir, 8000, seed=3, cache=False)
+    ds = data.CleanSegmentDataset(clean_dir, 8000, seed=3, sample_rate=SR)
+    again = data.CleanSegmentDataset(clean_dir, 8000, seed=3, cache=False, sample_rate=SR)
     assert len(ds) == int(3.5 * SR) // 8000
     for i in range(len(ds)):
         item = ds[i]
@@ -158,14 +159,14 @@ def test_clean_segments_are_deterministic_and_padded(clean_dir: Path) -> None:
     first = [ds[i] for i in range(len(ds))]
     ds.set_epoch(1)
     assert any(not torch.equal(a, ds[i]) for i, a in enumerate(first))
-    whole = data.CleanSegmentDataset(clean_dir, None, seed=3)
+    whole = data.CleanSegmentDataset(clean_dir, None, seed=3, sample_rate=SR)
     assert len(whole) == 3 and whole[1].shape == (int(0.3 * SR),)
-    short = data.CleanSegmentDataset([clean_dir / "spk1" / "utt1.wav"], 8000, seed=0)
+    short = data.CleanSegmentDataset([clean_dir / "spk1" / "utt1.wav"], 8000, seed=0, sample_rate=SR)
     assert short[0].shape == (8000,) and torch.all(short[0][int(0.3 * SR):] == 0)
 
 
 def test_dataloader_workers_give_the_same_items(clean_dir: Path) -> None:
-    ds = data.CleanSegmentDataset(clean_dir, 4000, seed=5)
+    ds = data.CleanSegmentDataset(clean_dir, 4000, seed=5, sample_rate=SR)
     direct = torch.stack([ds[i] for i in range(len(ds))])
     loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), num_workers=2)
     assert torch.equal(next(iter(loader)), direct)
@@ -177,15 +178,15 @@ def test_degraded_dataset_is_deterministic(clean_dir: Path, tmp_path: Path) -> N
     save_audio(noise_dir / "hiss.wav", 0.05 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), SR)
     config = load_config()["data"]
     config = dict(config, degradation=dict(config["degradation"], rir_bank_size=2))
-    a = data.DegradedDataset(clean_dir, noise_dir, None, config, 8000, seed=4)
-    b = data.DegradedDataset(clean_dir, noise_dir, None, config, 8000, seed=4)
+    a = data.DegradedDataset(clean_dir, noise_dir, None, config, 8000, seed=4, sample_rate=SR)
+    b = data.DegradedDataset(clean_dir, noise_dir, None, config, 8000, seed=4, sample_rate=SR)
     for i in range(len(a)):
         (da, ca), (db, cb) = a[i], b[i]
         assert da.shape == ca.shape == (8000,)
         assert torch.equal(da, db) and torch.equal(ca, cb)
         assert a.describe(i) == b.describe(i)
         assert max(da.abs().max(), ca.abs().max()) <= config["degradation"]["max_peak"] + 1e-6
-    whole = data.DegradedDataset(clean_dir, noise_dir, None, config, None, seed=0)
+    whole = data.DegradedDataset(clean_dir, noise_dir, None, config, None, seed=0, sample_rate=SR)
     assert whole[2][0].shape == whole[2][1].shape == (2 * SR,)
 
 
@@ -207,7 +208,7 @@ def voicebank(tmp_path: Path) -> Path:
 
 def test_paired_dataset_matches_and_reports(voicebank: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="paragse.data"):
-        ds = data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1)
+        ds = data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1, sample_rate=SR)
     assert ds.names == ["p226_001.wav", "p226_002.wav", "p226_003.wav", "p287_010.wav"]
     assert ds.unmatched_degraded == ["p226_004.wav"] and ds.unmatched_clean == ["p999_001.wav"]
     assert ds.length_mismatched == ["p226_003.wav"]
@@ -216,8 +217,8 @@ def test_paired_dataset_matches_and_reports(voicebank: Path, caplog: pytest.LogC
     noisy, clean = ds[0]
     assert noisy.shape == clean.shape == (4000,)
     assert torch.allclose(noisy, clean, atol=0.06)  # same offset for both
-    assert torch.equal(ds[0][0], data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1)[0][0])
-    whole = data.PairedDataset.voicebank(voicebank, "train", None, seed=0)
+    assert torch.equal(ds[0][0], data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1, sample_rate=SR)[0][0])
+    whole = data.PairedDataset.voicebank(voicebank, "train", None, seed=0, sample_rate=SR)
     assert whole[2][0].shape == whole[2][1].shape == (int(0.5 * SR),)  # trimmed to the shorter
 
 
@@ -226,7 +227,7 @@ def test_paired_dataset_skips_a_corrupt_pair(voicebank: Path, cache: bool, caplo
     bad = voicebank / "clean_trainset_28spk_wav" / "p226_002.wav"
     bad.write_bytes(b"RIFF junk that is no wav file")
     with caplog.at_level(logging.WARNING, logger="paragse.data"):
-        ds = data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1, cache=cache)
+        ds = data.PairedDataset.voicebank(voicebank, "train", 4000, seed=1, cache=cache, sample_rate=SR)
     assert str(bad) in caplog.text
     assert ds.skipped == ["p226_002.wav"] and "p226_002.wav" not in ds.names and len(ds) == 3
     noisy, clean = ds[1]
@@ -240,14 +241,14 @@ def test_corrupt_file_is_skipped_with_a_warning(clean_dir: Path, caplog: pytest.
     for cache in (True, False):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="paragse.data"):
-            ds = data.CleanSegmentDataset(clean_dir, 4000, seed=0, cache=cache)
+            ds = data.CleanSegmentDataset(clean_dir, 4000, seed=0, cache=cache, sample_rate=SR)
         assert str(bad) in caplog.text and "skipping" in caplog.text
         assert ds.skipped == [str(bad)] and len(ds.files) == 3
         assert ds[0].shape == (4000,)
 
 
 def test_file_that_breaks_after_construction_is_skipped(clean_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    ds = data.CleanSegmentDataset(clean_dir, None, seed=0, cache=False)
+    ds = data.CleanSegmentDataset(clean_dir, None, seed=0, cache=False, sample_rate=SR)
     victim = ds.files[0]
     victim.write_bytes(b"garbage")  # e.g. overwritten while a training run is going on
     with caplog.at_level(logging.WARNING, logger="paragse.data"):
