@@ -218,6 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--input_dir (or --test_noise_wav) is required")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
     return args
 
 
@@ -230,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = DEFAULT_CODEC if args.codec_only else DEFAULT_ENHANCER
         print(f"using the demo model {checkpoint.relative_to(REPO_ROOT)} (small, trained on CPU; see MODEL_CARD.md)")
     device = resolve_device(args.device)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     jobs = plan_outputs(input_dir, output_dir)
     enhancer = Enhancer.load(checkpoint, device, args.codec_only, args.batch_size, args.decoding,

@@ -101,14 +101,23 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(directory.glob("checkpoint_*.pt"))
 
 
-def load_latest_checkpoint(directory: Path, kind: str) -> dict | None:
-    """Newest checkpoint that loads; a corrupt newer one is skipped with a warning."""
+def load_latest_checkpoint(directory: Path, kind: str, model_class: str) -> dict | None:
+    """Newest checkpoint that loads; a corrupt newer one is skipped with a warning.
+
+    A folder holding another model's run is refused before anything is written: resuming there would prune that
+    run's checkpoints and rewind its log.
+    """
     for path in reversed(list_checkpoints(directory)):
         try:
-            payload = checkpoint.load(path, kind)
+            payload = checkpoint.load(path)
         except UserError as e:
             log.warning("skipping %s", e)
             continue
+        held = payload["config"].get("class")
+        if payload["kind"] != kind or held != model_class or "training" not in payload:
+            what = f"an exported {held}" if "training" not in payload else f"a {held} run"
+            raise UserError(f"{directory} holds {what} ({path.name}), not a {model_class} run: give this run a "
+                            "--checkpoint_dir of its own (nothing was changed)")
         log.info("resuming from %s (step %d)", path, payload["training"]["step"])
         return payload
     return None
@@ -117,8 +126,9 @@ def load_latest_checkpoint(directory: Path, kind: str) -> dict | None:
 def write_checkpoint(directory: Path, payload: dict, keep_last: int) -> Path:
     path = directory / CHECKPOINT_PATTERN.format(payload["training"]["step"])
     checkpoint.save(path, payload)
-    for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink()
+    if keep_last > 0:  # 0 keeps them all
+        for old in list_checkpoints(directory)[:-keep_last]:
+            old.unlink()
     return path
 
 
@@ -158,7 +168,8 @@ class TrainingDiverged(Exception):
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite losses; too many in a row is an error, not something to train through."""
+    """Counts consecutive steps with a non-finite loss or gradient; too many in a row is an error, not something to
+    train through."""
 
     def __init__(self, limit: int):
         self.limit, self.in_a_row, self.total = limit, 0, 0
@@ -169,11 +180,11 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.total += 1
-        log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)", step, self.in_a_row,
-                    self.total)
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row, %d in total)", step,
+                    self.in_a_row, self.total)
         if self.in_a_row >= self.limit:
-            raise TrainingDiverged(f"{self.in_a_row} non-finite losses in a row (run.max_nonfinite_steps): stopping; "
-                               "lower the learning rate or check the data")
+            raise TrainingDiverged(f"{self.in_a_row} non-finite losses or gradients in a row "
+                                   "(run.max_nonfinite_steps): stopping; lower the learning rate or check the data")
         return False
 
 

@@ -60,9 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, help="stop at this step (default: the config's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--keep_last", type=int, help="checkpoints to keep (default: config run.keep_last)")
+    p.add_argument("--keep_last", type=int, help="checkpoints to keep, 0 for all (default: config run.keep_last)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -151,6 +154,14 @@ def distributed(module: torch.nn.Module, world: int, device: torch.device) -> to
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def ensure_finite_weights(module: torch.nn.Module, step: int) -> None:
+    """Stop at once (TrainingDiverged, exit 1) when an update left a weight non-finite, before anything is saved."""
+    largest = torch.stack([p.detach().abs().amax() for p in module.parameters()])
+    if not torch.isfinite(largest).all():  # one device sync for all weights
+        raise TrainingDiverged(f"the weights are no longer finite after step {step + 1}: stopping without saving "
+                               "them; lower the learning rate (the last checkpoint is intact)")
+
+
 class Stage:
     """What the stages share: optimiser and scheduler states in and out of a checkpoint's "training"."""
 
@@ -160,6 +171,27 @@ class Stage:
     def training_state(self) -> dict:
         return {"optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                 "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()}}
+
+    def apply_gradients(self, loss: torch.Tensor, judged: torch.Tensor, optimizer: torch.optim.Optimizer,
+                        module: torch.nn.Module, guard: Callable[[torch.Tensor], bool], step: int) -> float:
+        """One optimiser step on `loss`, unless `judged` (the step's losses) or the gradients are not finite: the
+        guard counts those as skipped steps. Returns the gradient norm before clipping.
+
+        Weights that are no longer finite after the step stop training at once (TrainingDiverged, exit 1), before
+        anything is saved: a checkpoint never holds them.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(judged).item():
+            guard(judged)  # one count per step: the loss's, or else the gradient's below
+            return 0.0
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.train_cfg["grad_clip"])
+        if not guard(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return float(grad_norm)
+        optimizer.step()
+        ensure_finite_weights(module, step)
+        return float(grad_norm)
 
     def resume_training_state(self, payload: dict) -> None:
         for name, state in payload["training"]["optimizers"].items():
@@ -232,6 +264,7 @@ class CodecStage(Stage):
                 loss_d.float().backward()
                 torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.train_cfg["grad_clip"])
                 opt_d.step()
+                ensure_finite_weights(self.discriminator, step)
         if out.waveform is not None:  # judged on the waveform it makes
             mel_estimate, mel_clean = self.log_mel(out.waveform), self.log_mel(clean)
         else:  # judged on its spectrum: the log-mel it decodes against the input's
@@ -245,12 +278,7 @@ class CodecStage(Stage):
                 real, fake = self.discriminator_ddp(clean), self.discriminator_ddp(out.waveform)
             terms |= {"gan": generator_hinge_loss(fake).float(), "feature_matching": feature_matching_loss(real, fake)}
         loss_g = sum(self.loss[name] * value for name, value in terms.items())
-        opt_g.zero_grad(set_to_none=True)
-        grad_norm = 0.0
-        if guard(loss_g + loss_d.detach()):
-            loss_g.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["grad_clip"]))
-            opt_g.step()
+        grad_norm = self.apply_gradients(loss_g, loss_g + loss_d.detach(), opt_g, self.model, guard, step)
         if opt_d is not None:
             opt_d.zero_grad(set_to_none=True)  # the generator loss's discriminator gradients are never applied
         for scheduler in self.schedulers.values():
@@ -317,13 +345,7 @@ class EnhancerStage(Stage):
             teacher = (clean_tokens,) if self.teacher_forced else ()
             group_logits = self.model_ddp(self.codec.pad(degraded), degraded_tokens, *teacher)
         loss = F.cross_entropy(group_logits.float().flatten(0, 2), clean_tokens.flatten())
-        optimizer = self.optimizers["enhancer"]
-        optimizer.zero_grad(set_to_none=True)
-        grad_norm = 0.0
-        if guard(loss):
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["grad_clip"]))
-            optimizer.step()
+        grad_norm = self.apply_gradients(loss, loss, self.optimizers["enhancer"], self.model, guard, step)
         self.schedulers["enhancer"].step()
         return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.schedulers["enhancer"].get_last_lr()[0],
                 **token_accuracies(group_logits.detach().argmax(-1), clean_tokens, degraded_tokens)}
@@ -390,7 +412,11 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     if kind == "enhancer" and (config["enhancer"]["class"] == "SerialEnhancer") != (args.stage == "serial"):
         raise UserError(f"--stage {args.stage} does not train a {config['enhancer']['class']} (enhancer.class): "
                         "--stage serial trains the SerialEnhancer, --stage enhancer ParaGSE")
-    resumed = load_latest_checkpoint(directory, kind)
+    model_class = config["codec" if kind == "codec" else "enhancer"]["class"]
+    keep_last = config["run"]["keep_last"] if args.keep_last is None else args.keep_last
+    if keep_last < 0:
+        raise UserError(f"--keep_last (run.keep_last) must be 0 (keep every checkpoint) or more, not {keep_last}")
+    resumed = load_latest_checkpoint(directory, kind, model_class)
     initial = checkpoint.load(args.init_from, kind) if args.init_from and not resumed else None
 
     if kind == "codec":
@@ -424,8 +450,7 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     loader = make_loader(train_set, stage_cfg["batch_size"] // world, config["data"]["seed"],
                          resumed["training"]["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    run = TrainingRun(directory, config, resumed, device, rank, world, args.keep_last or config["run"]["keep_last"],
-                      initial)
+    run = TrainingRun(directory, config, resumed, device, rank, world, keep_last, initial)
     for batch in loader:
         if run.step >= max_steps or run.stop.requested:
             break
@@ -450,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(args.config)
-        if args.threads:
+        if args.threads is not None:
             torch.set_num_threads(args.threads)
         rank, world, device = setup_distributed(args.device)
         if rank != 0:

@@ -318,7 +318,7 @@ def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path: Path, speech:
     config = write_config(tmp_path / "nan.json", {"base": "tiny.json", "run": {"max_nonfinite_steps": 3}})
     monkeypatch.setattr(train.F, "mse_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 50, config)) == 1
-    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    assert "3 non-finite losses or gradients in a row" in capsys.readouterr().err
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path, speech: np.ndarray) -> None:
@@ -328,3 +328,71 @@ def test_keep_last_prunes_old_checkpoints(tmp_path: Path, speech: np.ndarray) ->
     assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 7, config) + ["--keep_last", "2"]) == 0
     assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint_*.pt"))] == [
         "checkpoint_00000006.pt", "checkpoint_00000007.pt"]
+
+
+def test_keep_last_zero_keeps_every_checkpoint_and_a_negative_count_is_refused(tmp_path: Path,
+                                                                                 speech: np.ndarray) -> None:
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    config = _config_with(tmp_path, checkpoint_every=2)
+    assert train.main(_codec_argv(tmp_path / "all", tmp_path / "data", 5, config) + ["--keep_last", "0"]) == 0
+    assert [p.name for p in sorted((tmp_path / "all").glob("checkpoint_*.pt"))] == [
+        "checkpoint_00000002.pt", "checkpoint_00000004.pt", "checkpoint_00000005.pt"]
+    assert train.main(_codec_argv(tmp_path / "none", tmp_path / "data", 3, config) + ["--keep_last", "-1"]) == 2
+    assert not list((tmp_path / "none").glob("checkpoint_*.pt"))
+
+
+def test_a_run_in_another_models_checkpoint_folder_is_refused_and_changes_nothing(
+        tmp_path: Path, speech: np.ndarray, capfd: pytest.CaptureFixture) -> None:
+    """An enhancer started in its codec's run folder would prune the codec's checkpoints and rewind its log."""
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    run = tmp_path / "run"
+    assert train.main(_codec_argv(run, tmp_path / "data", 3, _config_with(tmp_path, log_every=1))) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capfd.readouterr()
+    code = train.main(["--stage", "enhancer", "--config", str(TINY_CONFIG), "--codec",
+                       str(run / "checkpoint_00000003.pt"), "--checkpoint_dir", str(run), "--train_degraded_dir",
+                       str(tmp_path / "data"), "--train_clean_dir", str(tmp_path / "data"), "--max_steps", "2"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "MDCTCodec run" in err[0] and "ParaGSE" in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("tool", ["inference", "train"])
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_a_thread_count_below_one_is_refused(tool: str, threads: str, tmp_path: Path,
+                                             capfd: pytest.CaptureFixture) -> None:
+    argv = (["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")] if tool == "inference" else
+            ["--stage", "codec", "--checkpoint_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        (inference if tool == "inference" else train).main(argv + ["--threads", threads])
+    assert exit_info.value.code == 2 and "--threads must be at least 1" in capfd.readouterr().err
+
+
+def test_weights_that_turn_non_finite_stop_training_and_are_never_saved(tmp_path: Path, speech: np.ndarray,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capfd: pytest.CaptureFixture) -> None:
+    """An optimiser step that leaves a weight non-finite (what a far too high learning rate does) stops the run
+    with exit code 1 at once; the checkpoints written before it are all it leaves, all finite."""
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    config = write_config(tmp_path / "every.json", {"base": "tiny.json", "run": {"checkpoint_every": 1}})
+    step = torch.optim.AdamW.step
+
+    def step_that_breaks_at_the_third_call(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks_at_the_third_call)
+    capfd.readouterr()
+    assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 10, config)) == 1
+    error = capfd.readouterr().err
+    assert "no longer finite after step" in error
+    broken_at = int(error.split("after step ")[1].split(":")[0])
+    saved = sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*.pt"))
+    assert saved == [f"checkpoint_{step:08d}.pt" for step in range(1, broken_at)]  # every step before, none after
+    for name in saved:
+        model = checkpoint.load(tmp_path / "run" / name)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), name
