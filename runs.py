@@ -123,6 +123,29 @@ def load_latest_checkpoint(directory: Path, kind: str, model_class: str) -> dict
     return None
 
 
+# What a resumed run may change: how it logs, saves and feeds itself, and where it stops. Everything else (models,
+# losses, optimiser, schedule, data recipe) is the run's: a resume that changed it would mix two recipes.
+RESUMABLE = ("run.", "data.num_workers", "data.validation_files", "codec_training.max_steps",
+             "enhancer_training.max_steps")
+
+
+def changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for name in sorted(set(old) | set(new))
+                for key in changed_keys(old.get(name), new.get(name), f"{prefix}{name}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_resumable(directory: Path, stored: dict, config: dict) -> None:
+    """Refuse, by name, a config that changes what a resumed run may not change (see RESUMABLE)."""
+    refused = [key for key in changed_keys(stored, config) if not key.startswith(RESUMABLE)]
+    if refused:
+        raise UserError(f"{directory}: the run there started with other settings: {', '.join(refused[:4])}"
+                        f"{' ...' if len(refused) > 4 else ''}; a resume may change only run.*, data.num_workers, "
+                        "data.validation_files and max_steps (start a new run with --init_from to change the rest)")
+
+
 def write_checkpoint(directory: Path, payload: dict, keep_last: int) -> Path:
     path = directory / CHECKPOINT_PATTERN.format(payload["training"]["step"])
     checkpoint.save(path, payload)

@@ -33,8 +33,8 @@ from models import build_codec, build_enhancer
 from models.discriminator import MultiResolutionMDCTDiscriminator
 from models.log_mel import LogMel
 from models.losses import discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
-from runs import (TrainingDiverged, TrainingRun, TrainingStream, load_latest_checkpoint, log, make_loader,
-                  setup_distributed)
+from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, load_latest_checkpoint, log,
+                  make_loader, setup_distributed)
 from utils import (UserError, count_parameters, find_audio_files, load_audio, load_config, require_dir,
                    seed_everything)
 
@@ -417,6 +417,8 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     if keep_last < 0:
         raise UserError(f"--keep_last (run.keep_last) must be 0 (keep every checkpoint) or more, not {keep_last}")
     resumed = load_latest_checkpoint(directory, kind, model_class)
+    if resumed:
+        check_resumable(directory, resumed["training"]["config"], config)
     initial = checkpoint.load(args.init_from, kind) if args.init_from and not resumed else None
 
     if kind == "codec":

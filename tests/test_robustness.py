@@ -396,3 +396,26 @@ def test_weights_that_turn_non_finite_stop_training_and_are_never_saved(tmp_path
     for name in saved:
         model = checkpoint.load(tmp_path / "run" / name)["model"]
         assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), name
+
+
+def test_a_resume_may_change_only_how_the_run_logs_saves_and_stops(tmp_path: Path, speech: np.ndarray,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    """A learning rate, batch size or seed changed on resume would mix two recipes: refused by name, nothing
+    touched. Logging and checkpoint cadence may change, and the stored config then says what the run now uses."""
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    run = tmp_path / "run"
+    assert train.main(_codec_argv(run, tmp_path / "data", 2)) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    changed = write_config(tmp_path / "changed.json", {"base": "tiny.json", "codec_training": {"learning_rate": 1e-4,
+                                                                                               "batch_size": 2},
+                                                      "data": {"seed": 7}})
+    capfd.readouterr()
+    assert train.main(_codec_argv(run, tmp_path / "data", 4, changed)) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and all(key in error[0] for key in ("codec_training.batch_size",
+                                                                "codec_training.learning_rate", "data.seed")), error
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    cadence = write_config(tmp_path / "cadence.json", {"base": "tiny.json", "run": {"log_every": 1}})
+    assert train.main(_codec_argv(run, tmp_path / "data", 4, cadence)) == 0
+    stored = checkpoint.load(run / "checkpoint_00000004.pt")["training"]["config"]
+    assert stored["run"]["log_every"] == 1
