@@ -211,6 +211,14 @@ class NonFiniteGuard:
         return False
 
 
+def ensure_finite_weights(module: torch.nn.Module, step: int) -> None:
+    """Stop at once (TrainingDiverged, exit 1) when an update left a weight non-finite, before anything is saved."""
+    largest = torch.stack([p.detach().abs().amax() for p in module.parameters()])
+    if not torch.isfinite(largest).all():  # one device sync for all weights
+        raise TrainingDiverged(f"the weights are no longer finite after step {step + 1}: stopping without saving "
+                               "them; lower the learning rate (the last checkpoint is intact)")
+
+
 class RunLog:
     """TensorBoard plus an append-only log.csv (small, committable, easy to plot)."""
 

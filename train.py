@@ -33,8 +33,8 @@ from models import build_codec, build_enhancer
 from models.discriminator import MultiResolutionMDCTDiscriminator
 from models.log_mel import LogMel
 from models.losses import discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
-from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, load_latest_checkpoint, log,
-                  make_loader, setup_distributed)
+from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, ensure_finite_weights,
+                  load_latest_checkpoint, log, make_loader, setup_distributed)
 from utils import (UserError, count_parameters, find_audio_files, load_audio, load_config, require_dir,
                    seed_everything)
 
@@ -152,14 +152,6 @@ def distributed(module: torch.nn.Module, world: int, device: torch.device) -> to
     if world == 1:
         return module
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def ensure_finite_weights(module: torch.nn.Module, step: int) -> None:
-    """Stop at once (TrainingDiverged, exit 1) when an update left a weight non-finite, before anything is saved."""
-    largest = torch.stack([p.detach().abs().amax() for p in module.parameters()])
-    if not torch.isfinite(largest).all():  # one device sync for all weights
-        raise TrainingDiverged(f"the weights are no longer finite after step {step + 1}: stopping without saving "
-                               "them; lower the learning rate (the last checkpoint is intact)")
 
 
 class Stage:
