@@ -218,13 +218,13 @@ def length_probe(config: dict, seconds: float, repeats: int) -> dict:
     system = build_system("parallel", config)
     rate = system.codec.sample_rate
     window = system.enhancer.window / rate
-    system.enhancer(benchmark_audio(min(seconds, window), rate))
+    system.enhancer.enhance(benchmark_audio(min(seconds, window), rate))
     audio = benchmark_audio(seconds, rate)
     runs = repeats if seconds <= 60 else 1
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        system.enhancer(audio)
+        system.enhancer.enhance(audio)
         times.append(time.perf_counter() - started)
     return {"seconds": seconds, "rtf": statistics.median(times) / seconds, "peak_rss_mb": peak_rss_mb(),
             "runs": runs}

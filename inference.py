@@ -28,8 +28,8 @@ from tqdm import tqdm
 from checkpoint import check_decoding, load_codec, load_enhancer
 from models.codec import Codec
 from models.int8 import quantize_predictor
-from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, load_config, resolve_device,
-                   run_command, save_audio)
+from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, load_config, prepare_audio,
+                   resolve_device, run_command, save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
@@ -129,11 +129,26 @@ class Enhancer:
             starts.append(last)
         return starts
 
-    def __call__(self, audio: np.ndarray) -> Result:
+    def __call__(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> tuple[np.ndarray, list[str]]:
+        """Enhance one recording: numpy or torch, float or integer PCM, (samples,) or (channels, samples) in either
+        order (the shorter axis is the channels), at any sample rate.
+
+        Returns (enhanced audio, float32 (samples,) at `self.sample_rate`; notes saying what was changed on the way,
+        as the command line prints them). Raises AudioError with a one-line reason for audio it cannot use.
+        """
+        samples, notes = prepare_audio(audio, sample_rate, self.sample_rate)
+        result = self.enhance(samples)
+        return result.audio, notes + result.notes
+
+    def enhance(self, audio: np.ndarray) -> Result:
+        """Mono float32 (samples,) at `self.sample_rate` -> Result (the windowed pipeline)."""
         length = audio.shape[0]
+        if length < self.frame:
+            raise AudioError(f"too short ({length} samples at {self.sample_rate} Hz; the codec needs at least "
+                             f"{self.frame})")
         notes: list[str] = []
         if not np.any(audio):
-            return Result(np.zeros_like(audio), None, ["input is silent: wrote silence"])
+            return Result(np.zeros_like(audio), None, ["input is silent: the output is silence"])
         wav = torch.from_numpy(audio).to(self.device)
         starts = self.window_starts(length)
         ends = [s + self.window for s in starts[:-1]] + [length]
@@ -243,7 +258,6 @@ def run(args: argparse.Namespace) -> int:
         if device.type != "cpu":
             raise UserError("--quantize uses CPU int8 kernels; add --device cpu")
         enhancer.predictor = quantize_predictor(enhancer.predictor)
-    min_samples = enhancer.frame
 
     done = skipped = failed = 0
     audio_seconds = compute_seconds = 0.0
@@ -255,11 +269,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             audio, notes = load_audio(source, enhancer.sample_rate)
-            if audio.shape[0] < min_samples:
-                raise AudioError(f"too short ({audio.shape[0]} samples at {enhancer.sample_rate} Hz; "
-                                 f"the codec needs at least {min_samples})")
             started = time.perf_counter()
-            result = enhancer(audio)
+            result = enhancer.enhance(audio)
             compute_seconds += time.perf_counter() - started
             save_audio(target, result.audio, enhancer.sample_rate)
             if args.save_tokens and result.tokens is not None:

@@ -137,23 +137,52 @@ def load_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, list[str
         if not os.access(path, os.R_OK):
             reason = "permission denied"
         raise AudioError(f"cannot decode audio ({reason})") from None
-    notes: list[str] = []
     if audio.shape[0] == 0:
         raise AudioError("empty file (0 samples)")
+    return prepare_audio(audio, file_rate, sample_rate, channel_axis=1)
+
+
+def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int, target_rate: int,
+                  channel_axis: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Any audio array as contiguous mono float32 at `target_rate`, and notes saying what was changed.
+
+    audio: numpy or torch; float of any precision (full scale 1.0) or integer PCM (full scale its type's range);
+    (samples,), or 2-D with the channels on `channel_axis` (None: the shorter axis). NaN/Inf samples become 0.
+    Raises AudioError with a one-line reason for audio that cannot be used.
+    """
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    audio = np.asarray(audio)
+    notes: list[str] = []
+    if audio.dtype.kind == "f":
+        audio = audio.astype(np.float32, copy=False)
+    elif audio.dtype.kind == "i":
+        audio = (audio / float(2 ** (8 * audio.dtype.itemsize - 1))).astype(np.float32)
+    elif audio.dtype == np.uint8:  # 8-bit PCM is offset binary
+        audio = ((audio.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    else:
+        raise AudioError(f"cannot use {audio.dtype} samples (give float or integer PCM)")
+    if audio.ndim == 2:
+        axis = int(np.argmin(audio.shape)) if channel_axis is None else channel_axis
+        if audio.shape[axis] > 1:
+            notes.append(f"mixed {audio.shape[axis]} channels to mono")
+        audio = audio.mean(axis=axis) if audio.shape[axis] > 1 else audio.reshape(-1)
+    elif audio.ndim != 1:
+        raise AudioError(f"cannot use audio of shape {audio.shape} (give (samples,) or (channels, samples))")
+    if audio.shape[0] == 0:
+        raise AudioError("empty audio (0 samples)")
     if not np.all(np.isfinite(audio)):
         bad = int(np.sum(~np.isfinite(audio)))
         audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
         notes.append(f"replaced {bad} NaN/Inf samples with 0")
-    if audio.shape[1] > 1:
-        notes.append(f"mixed {audio.shape[1]} channels to mono")
-        audio = audio.mean(axis=1, keepdims=True)
-    audio = audio[:, 0]
-    if file_rate != sample_rate:
-        audio = soxr.resample(audio, file_rate, sample_rate, quality="HQ").astype(np.float32)
-        notes.append(f"resampled {file_rate}→{sample_rate}")
+    if not (isinstance(sample_rate, (int, np.integer)) and sample_rate > 0):
+        raise AudioError(f"sample rate must be a positive whole number of Hz, not {sample_rate!r}")
+    if sample_rate != target_rate:
+        audio = soxr.resample(audio, sample_rate, target_rate, quality="HQ").astype(np.float32)
+        notes.append(f"resampled {sample_rate}→{target_rate}")
     if audio.shape[0] == 0:
         raise AudioError("too short to resample (0 samples after resampling)")
-    return np.ascontiguousarray(audio), notes
+    return np.ascontiguousarray(audio, dtype=np.float32), notes
 
 
 def atomic_write(path: str | Path, data: bytes | Callable[[str], None]) -> None:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         degraded, clean, description = pairs.item(index)
         row = []
         try:
-            for signal in [degraded] + [enhancer(degraded).audio for enhancer in enhancers]:
+            for signal in [degraded] + [enhancer.enhance(degraded).audio for enhancer in enhancers]:
                 metrics = score_pair(signal, clean, sample_rate, dnsmos=False)
                 row += [metrics["pesq"], metrics["estoi"]]
         except MetricError as e:

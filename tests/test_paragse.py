@@ -169,12 +169,12 @@ def test_windowed_enhancement_matches_whole_file_and_keeps_length(speech: np.nda
     windowed = inference.Enhancer(codec, model, torch.device("cpu"), window_seconds=1.0, overlap_seconds=0.2,
                                   batch_size=3)
     short = speech[:11111]
-    assert np.array_equal(windowed(short).audio, whole(short).audio)  # shorter than a window: same as whole file
+    assert np.array_equal(windowed.enhance(short).audio, whole.enhance(short).audio)  # shorter than a window: as whole
     long = np.tile(speech, 3)[: 16000 * 7 + 123]
-    result = windowed(long)
+    result = windowed.enhance(long)
     assert result.audio.shape == long.shape
     assert np.isfinite(result.audio).all()
-    assert result.tokens.shape == whole(long).tokens.shape
+    assert result.tokens.shape == whole.enhance(long).tokens.shape
 
 
 def test_expected_decoding_sharpens_into_argmax_decoding_and_needs_parallel_groups(speech: np.ndarray) -> None:
@@ -184,7 +184,7 @@ def test_expected_decoding_sharpens_into_argmax_decoding_and_needs_parallel_grou
     clip = speech[:16000]
 
     def enhance(**decoding: float | str) -> inference.Result:
-        return inference.Enhancer(codec, model, torch.device("cpu"), 60, 1, **decoding)(clip)
+        return inference.Enhancer(codec, model, torch.device("cpu"), 60, 1, **decoding).enhance(clip)
 
     argmax, sharp, soft = enhance(), enhance(decoding="expected", temperature=1e-4), enhance(decoding="expected")
     assert np.array_equal(sharp.tokens, argmax.tokens) and np.array_equal(soft.tokens, argmax.tokens)
@@ -216,7 +216,7 @@ enhancer = Enhancer(codec, build_enhancer(config["enhancer"], codec), torch.devi
 speech = np.load(sys.argv[2])
 for seconds in (25, 125):
     audio = np.tile(speech, seconds * 16000 // len(speech) + 1)[: seconds * 16000 + 77]
-    out = enhancer(audio).audio
+    out = enhancer.enhance(audio).audio
     print(out.shape[0], audio.shape[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
     np.save(tmp_path / "speech.npy", speech)

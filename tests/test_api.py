@@ -1,0 +1,67 @@
+"""The Python API a notebook user reaches for: Enhancer.load() and enhancer(audio, sample_rate)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+import torch
+
+from conftest import EXAMPLES, REPO
+from inference import Enhancer
+from utils import AudioError
+
+
+@pytest.fixture(scope="module")
+def enhancer() -> Enhancer:
+    return Enhancer.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    import soundfile as sf
+
+    return sf.read(EXAMPLES / "degraded" / "noise" / "allison_vm_helpexit.wav", dtype="float32")[0]
+
+
+def test_any_dtype_layout_and_rate_gives_the_same_enhancement_as_float32_mono_16k(enhancer: Enhancer,
+                                                                                clip: np.ndarray) -> None:
+    reference, notes = enhancer(clip, 16000)
+    assert reference.dtype == np.float32 and reference.shape == clip.shape and not notes
+    as_float64, _ = enhancer(clip.astype(np.float64), 16000)
+    assert np.allclose(as_float64, reference, atol=1e-4)
+    as_int16, _ = enhancer(torch.from_numpy(np.round(clip * 32767).astype(np.int16)), 16000)
+    assert np.corrcoef(as_int16, reference)[0, 1] > 0.99
+    stereo = np.stack([clip, clip])  # (channels, samples), as torch audio code has it
+    out, notes = enhancer(stereo, 16000)
+    assert notes == ["mixed 2 channels to mono"] and np.allclose(out, reference, atol=1e-4)
+    out, notes = enhancer(torch.from_numpy(stereo.T.copy()), 16000)  # (samples, channels), as soundfile has it
+    assert notes == ["mixed 2 channels to mono"] and np.allclose(out, reference, atol=1e-4)
+    at_44k = soxr.resample(clip, 16000, 44100)
+    out, notes = enhancer(at_44k, 44100)
+    assert notes == ["resampled 44100→16000"] and abs(out.shape[0] - clip.shape[0]) <= 1
+
+
+def test_nan_samples_are_zeroed_with_a_note_and_bad_audio_is_one_line(enhancer: Enhancer, clip: np.ndarray) -> None:
+    broken = clip.copy()
+    broken[1000:1100] = np.nan
+    out, notes = enhancer(broken, 16000)
+    assert np.isfinite(out).all() and notes == ["replaced 100 NaN/Inf samples with 0"]
+    for audio, rate, words in ((np.zeros(0, np.float32), 16000, "empty"), (clip[:100], 16000, "too short"),
+                               (np.zeros((2, 3, 4), np.float32), 16000, "shape"), (clip, 0, "sample rate"),
+                               (clip.astype(np.complex64), 16000, "complex")):
+        with pytest.raises(AudioError, match=words):
+            enhancer(audio, rate)
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S).group(1)
+    script = block.replace('"examples/', f'"{EXAMPLES}/')
+    done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n{script}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "enhanced.wav").is_file()
