@@ -15,6 +15,7 @@ from __future__ import annotations
 import cpu_speed  # first: it sets the OpenMP wait policy before torch loads
 
 import argparse
+import io
 import logging
 import sys
 import time
@@ -28,8 +29,8 @@ from tqdm import tqdm
 from checkpoint import check_decoding, load_codec, load_enhancer
 from models.codec import Codec
 from models.int8 import quantize_predictor
-from utils import (REPO_ROOT, AudioError, UserError, find_audio_files, load_audio, load_config, prepare_audio,
-                   resolve_device, run_command, save_audio)
+from utils import (REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio, load_config,
+                   prepare_audio, resolve_device, run_command, save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
@@ -261,36 +262,44 @@ def run(args: argparse.Namespace) -> int:
 
     done = skipped = failed = 0
     audio_seconds = compute_seconds = 0.0
+    interrupted = False
     progress = tqdm(jobs, unit="file", disable=None)
-    for source, target in progress:
-        name = source.relative_to(input_dir.resolve())
-        if target.exists() and not args.overwrite:
-            skipped += 1
-            continue
-        try:
-            audio, notes = load_audio(source, enhancer.sample_rate)
-            started = time.perf_counter()
-            result = enhancer.enhance(audio)
-            compute_seconds += time.perf_counter() - started
-            save_audio(target, result.audio, enhancer.sample_rate)
-            if args.save_tokens and result.tokens is not None:
-                np.save(target.with_suffix(".tokens.npy"), result.tokens.astype(np.int16))
-        except AudioError as e:
-            failed += 1
-            progress.write(f"failed {name}: {e}")
-            continue
-        except OSError as e:
-            failed += 1
-            progress.write(f"failed {name}: cannot write {target} ({e.strerror or e})")
-            continue
-        done += 1
-        audio_seconds += audio.shape[0] / enhancer.sample_rate
-        for note in notes + result.notes:
-            progress.write(f"note {name}: {note}")
+    try:
+        for source, target in progress:
+            name = source.relative_to(input_dir.resolve())
+            if target.exists() and not args.overwrite:
+                skipped += 1
+                continue
+            try:
+                audio, notes = load_audio(source, enhancer.sample_rate)
+                started = time.perf_counter()
+                result = enhancer.enhance(audio)
+                compute_seconds += time.perf_counter() - started
+                save_audio(target, result.audio, enhancer.sample_rate)
+                if args.save_tokens and result.tokens is not None:
+                    tokens = io.BytesIO()
+                    np.save(tokens, result.tokens.astype(np.int16))
+                    atomic_write(target.with_suffix(".tokens.npy"), tokens.getvalue())
+            except AudioError as e:
+                failed += 1
+                progress.write(f"failed {name}: {e}")
+                continue
+            except OSError as e:
+                failed += 1
+                progress.write(f"failed {name}: cannot write {target} ({e.strerror or e})")
+                continue
+            done += 1
+            audio_seconds += audio.shape[0] / enhancer.sample_rate
+            for note in notes + result.notes:
+                progress.write(f"note {name}: {note}")
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (atomic writes); rerunning resumes after it
+        interrupted = True
+        progress.close()
+        print("interrupted: the files done so far are complete; run the same command again to go on")
     rtf = compute_seconds / audio_seconds if audio_seconds else float("nan")
     print(f"done {done}, skipped (already there) {skipped}, failed {failed}; {audio_seconds:.1f} s of audio in "
           f"{compute_seconds:.1f} s, real-time factor {rtf:.3f} on {device}; outputs in {output_dir}")
-    return 1 if failed else 0
+    return 130 if interrupted else 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -408,6 +408,10 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     keep_last = config["run"]["keep_last"] if args.keep_last is None else args.keep_last
     if keep_last < 0:
         raise UserError(f"--keep_last (run.keep_last) must be 0 (keep every checkpoint) or more, not {keep_last}")
+    if rank == 0:  # what a killed write (kill -9 mid-save) left behind; the checkpoints themselves are whole
+        for stale in directory.glob(".checkpoint_*.tmp"):
+            stale.unlink()
+            log.warning("removed %s, left by an interrupted checkpoint write", stale.name)
     resumed = load_latest_checkpoint(directory, kind, model_class)
     if resumed:
         check_resumable(directory, resumed["training"]["config"], config)

@@ -419,3 +419,30 @@ def test_a_resume_may_change_only_how_the_run_logs_saves_and_stops(tmp_path: Pat
     assert train.main(_codec_argv(run, tmp_path / "data", 4, cadence)) == 0
     stored = checkpoint.load(run / "checkpoint_00000004.pt")["training"]["config"]
     assert stored["run"]["log_every"] == 1
+
+
+def test_a_checkpoint_write_killed_midway_leaves_nothing_behind_on_the_next_start(tmp_path: Path,
+                                                                                   speech: np.ndarray) -> None:
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".checkpoint_00000002.pt.k3j2.tmp").write_bytes(b"half a checkpoint")
+    assert train.main(_codec_argv(run, tmp_path / "data", 1)) == 0
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["checkpoint_00000001.pt"]
+
+
+def test_ctrl_c_mid_folder_prints_the_summary_not_a_traceback(tmp_path: Path, speech: np.ndarray) -> None:
+    for i in range(40):
+        save_audio(tmp_path / "in" / f"{i:02d}.wav", speech[: 16000 * 2], 16000)
+    process = subprocess.Popen([sys.executable, str(REPO / "inference.py"), "--input_dir", str(tmp_path / "in"),
+                                "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out").glob("*.wav")) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and out.strip().splitlines()[-1].startswith("done ")
+    written = list((tmp_path / "out").glob("*.wav"))
+    assert 0 < len(written) < 40 and all(load_audio(p, 16000)[0].shape[0] == 32000 for p in written)
