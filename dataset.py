@@ -40,7 +40,7 @@ def resolve_files(root_or_files: str | Path | Sequence[str | Path], what: str) -
     else:
         files = [Path(f) for f in root_or_files]
     if not files:
-        raise UserError(f"no .wav/.flac/.ogg {what} files in {root_or_files}")
+        raise UserError(f"no .wav/.flac/.ogg/.mp3 {what} files in {root_or_files}")
     return files
 
 
@@ -337,7 +337,7 @@ def _relative_files(root: Path, what: str) -> list[Path]:
         raise UserError(f"{what} folder not found: {root}")
     files = find_audio_files(root)
     if not files:
-        raise UserError(f"no .wav/.flac/.ogg files in the {what} folder {root}")
+        raise UserError(f"no .wav/.flac/.ogg/.mp3 files in the {what} folder {root}")
     return files
 
 

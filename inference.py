@@ -194,7 +194,7 @@ def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
     if out_root.is_relative_to(in_root):  # outputs nested in the input folder are not inputs of a later run
         inputs = [p for p in inputs if not (in_root / p).resolve().is_relative_to(out_root)]
     if not inputs:
-        raise UserError(f"no .wav/.flac/.ogg files under {input_dir}")
+        raise UserError(f"no .wav/.flac/.ogg/.mp3 files under {input_dir}")
     wanted = [p.with_suffix(".wav") for p in inputs]
     clashes = {w for w in wanted if wanted.count(w) > 1}
     # a.wav and a.flac side by side: keep the source extension in the name rather than overwrite one with the other.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 
@@ -42,6 +44,14 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
         dist.init_process_group("gloo")
         device = torch.device("cpu")
     return dist.get_rank(), world_size, device
+
+
+def distributed(module: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    """The module wrapped for DistributedDataParallel under torchrun (which also makes every rank's weights and
+    buffers rank 0's), or itself."""
+    if world == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class TrainingStream(Dataset):
@@ -127,6 +137,31 @@ def load_latest_checkpoint(directory: Path, kind: str, model_class: str) -> dict
 # losses, optimiser, schedule, data recipe) is the run's: a resume that changed it would mix two recipes.
 RESUMABLE = ("run.", "data.num_workers", "data.validation_files", "codec_training.max_steps",
              "enhancer_training.max_steps")
+
+
+def check_training_config(config: dict, section: str, world: int) -> None:
+    """Refuse, by name, the training settings that would crash mid-run or train on garbage (before any model is
+    built; `check_segment_length` once the codec is known)."""
+    train, problems = config[section], []
+    rate = train["learning_rate"]
+    if not (math.isfinite(rate) and rate > 0):
+        problems.append(f"{section}.learning_rate must be a positive number, not {rate}")
+    betas = train["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        problems.append(f"{section}.betas must be two numbers in [0, 1), not {betas}")
+    if train["batch_size"] < world or train["batch_size"] % world:
+        problems.append(f"{section}.batch_size ({train['batch_size']}) must be a multiple of the {world} processes")
+    problems += [f"run.{key} must be at least 1, not {config['run'][key]}"
+                 for key in ("log_every", "validate_every", "checkpoint_every") if config["run"][key] < 1]
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def check_segment_length(config: dict, section: str, padded_length: Callable[[int], int]) -> None:
+    length = config[section]["segment_length"]
+    if length < 1 or padded_length(length) != length:
+        raise UserError(f"{section}.segment_length must be a token-aligned length, e.g. "
+                        f"{padded_length(max(length, 1))} (the codec's next one), not {length}")
 
 
 def changed_keys(old: object, new: object, prefix: str = "") -> list[str]:

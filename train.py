@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import checkpoint
@@ -33,8 +32,9 @@ from models import build_codec, build_enhancer
 from models.discriminator import MultiResolutionMDCTDiscriminator
 from models.log_mel import LogMel
 from models.losses import discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
-from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, ensure_finite_weights,
-                  load_latest_checkpoint, log, make_loader, setup_distributed)
+from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, check_segment_length,
+                  check_training_config, distributed, ensure_finite_weights, load_latest_checkpoint, log,
+                  make_loader, setup_distributed)
 from utils import (UserError, count_parameters, find_audio_files, load_audio, load_config, require_dir,
                    seed_everything)
 
@@ -144,14 +144,6 @@ def enhancer_schedule(train: dict, max_steps: int) -> Callable[[int], float]:
         progress = min(1.0, (step - train["warmup_steps"]) / max(1, max_steps - train["warmup_steps"]))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-def distributed(module: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
-    """The module wrapped for DistributedDataParallel under torchrun (which also makes every rank's weights and
-    buffers rank 0's), or itself."""
-    if world == 1:
-        return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class Stage:
@@ -401,6 +393,7 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     kind = "codec" if args.stage == "codec" else "enhancer"
     stage_cfg = config["codec_training" if kind == "codec" else "enhancer_training"]
     max_steps = stage_cfg["max_steps"] if args.max_steps is None else args.max_steps
+    check_training_config(config, f"{kind}_training", world)
     if kind == "enhancer" and (config["enhancer"]["class"] == "SerialEnhancer") != (args.stage == "serial"):
         raise UserError(f"--stage {args.stage} does not train a {config['enhancer']['class']} (enhancer.class): "
                         "--stage serial trains the SerialEnhancer, --stage enhancer ParaGSE")
@@ -435,6 +428,7 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
         stage = EnhancerStage(config, device, world, max_steps, *checkpoint.resolve_codec(codec_payload, codec_source))
         train_set = training_pairs(args, config, stage_cfg["segment_length"])
         valid = validation_pairs(args, config) if rank == 0 else []
+    check_segment_length(config, f"{kind}_training", (stage.model if kind == "codec" else stage.codec).padded_length)
     if resumed:
         stage.resume(resumed, "resumed checkpoint")
     elif initial:

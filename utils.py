@@ -22,7 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "config.json"
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")  # what soundfile (libsndfile >= 1.1) decodes
 
 
 class UserError(Exception):
@@ -215,7 +215,7 @@ def require_dir(path: str | Path | None, flag: str) -> Path:
     if not p.is_dir():
         raise UserError(f"{flag}: folder not found: {p}")
     if not find_audio_files(p):
-        raise UserError(f"{flag}: no .wav/.flac/.ogg files under {p}")
+        raise UserError(f"{flag}: no .wav/.flac/.ogg/.mp3 files under {p}")
     return p
 
 

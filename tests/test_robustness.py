@@ -60,6 +60,7 @@ def _bad_input_folder(root: Path, speech: np.ndarray) -> dict[str, tuple[str, st
     good("float.wav", clip, 16000, subtype="FLOAT")
     good("formats/clip.flac", clip, 16000)
     good("formats/clip.ogg", clip, 16000)
+    good("formats/clip.mp3", clip, 16000)
     good("clipped.wav", np.clip(clip * 20, -1, 1), 16000)
     nan = clip.copy()
     nan[100:110] = np.nan
@@ -110,7 +111,7 @@ def test_every_bad_file_is_named_and_every_good_file_enhanced(
     assert inference.main(argv) == 1
     printed = capsys.readouterr().out
     for name, (outcome, detail) in expected.items():
-        # clip.flac and clip.ogg side by side keep their extension rather than overwrite each other
+        # clip.flac, clip.ogg and clip.mp3 side by side keep their extension rather than overwrite each other
         output = out / (name + ".wav" if name.startswith("formats/") else os.path.splitext(name)[0] + ".wav")
         if outcome == "ok":
             assert output.is_file(), f"{name} was not enhanced:\n{printed}"
@@ -446,3 +447,22 @@ def test_ctrl_c_mid_folder_prints_the_summary_not_a_traceback(tmp_path: Path, sp
     assert "Traceback" not in err and out.strip().splitlines()[-1].startswith("done ")
     written = list((tmp_path / "out").glob("*.wav"))
     assert 0 < len(written) < 40 and all(load_audio(p, 16000)[0].shape[0] == 32000 for p in written)
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"codec_training": {"segment_length": -5}}, "codec_training.segment_length"),
+    ({"codec_training": {"segment_length": 3960}}, "token-aligned length, e.g. 4120"),
+    ({"codec_training": {"learning_rate": -1e-3}}, "codec_training.learning_rate"),
+    ({"codec_training": {"betas": [0.9]}}, "codec_training.betas"),
+    ({"run": {"checkpoint_every": 0}}, "run.checkpoint_every"),
+])
+def test_training_settings_that_cannot_work_are_one_line_exit_2(override: dict, words: str, tmp_path: Path,
+                                                               speech: np.ndarray,
+                                                               capfd: pytest.CaptureFixture) -> None:
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    config = write_config(tmp_path / "bad.json", {"base": "tiny.json", **override})
+    capfd.readouterr()
+    assert train.main(_codec_argv(tmp_path / "run", tmp_path / "data", 2, config)) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and words in error[0], error
+    assert not list((tmp_path / "run").glob("checkpoint_*.pt"))
