@@ -16,6 +16,7 @@ import cpu_speed  # first: it sets the OpenMP wait policy before torch loads
 
 import argparse
 import io
+import json
 import logging
 import sys
 import time
@@ -29,8 +30,8 @@ from tqdm import tqdm
 from checkpoint import check_decoding, load_codec, load_enhancer
 from models.codec import Codec
 from models.int8 import quantize_predictor
-from utils import (REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio, load_config,
-                   prepare_audio, resolve_device, run_command, save_audio)
+from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio,
+                   load_config, prepare_audio, resolve_device, run_command, save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
@@ -185,12 +186,19 @@ class Enhancer:
 
 # ----------------------------------------------------------------------------------------------- folder job
 def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
-    """(input, output) pairs; refuses layouts where an output could land on an input."""
-    in_root, out_root = input_dir.resolve(), output_dir.resolve()
+    """(input, output) pairs for a folder (searched recursively) or a single file; refuses layouts where an output
+    could land on an input."""
+    if input_dir.is_file():
+        if input_dir.suffix.lower() not in AUDIO_EXTENSIONS:
+            raise UserError(f"{input_dir} is not a {'/'.join(AUDIO_EXTENSIONS)} file")
+        in_root, inputs = input_dir.resolve().parent, [Path(input_dir.name)]
+    else:
+        in_root = input_dir.resolve()
+        inputs = find_audio_files(in_root)
+    out_root = output_dir.resolve()
     if out_root == in_root:
         raise UserError(f"output folder {output_dir} is the input folder: outputs would overwrite inputs; "
                         "choose another --output_dir")
-    inputs = find_audio_files(in_root)
     if out_root.is_relative_to(in_root):  # outputs nested in the input folder are not inputs of a later run
         inputs = [p for p in inputs if not (in_root / p).resolve().is_relative_to(out_root)]
     if not inputs:
@@ -207,9 +215,26 @@ def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
     return [(in_root / i, out_root / o) for i, o in zip(inputs, outputs)]
 
 
+SETTINGS_FILE = ".paragse_settings.json"
+
+
+def record_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Note in the output folder what its files are made with, and refuse (before any compute) to mix in outputs
+    made otherwise: a rerun skips the files already there, which would then come from other settings."""
+    path = output_dir / SETTINGS_FILE
+    if path.is_file() and not overwrite:
+        before = json.loads(path.read_text())
+        changed = [f"{key} {before.get(key)} → {value}" for key, value in settings.items()
+                   if before.get(key) != value]
+        if changed:
+            raise UserError(f"the outputs in {output_dir} were made with other settings ({'; '.join(changed)}): add "
+                            "--overwrite to redo them, or choose another --output_dir")
+    atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_dir", help="folder of degraded recordings (searched recursively)")
+    p.add_argument("--input_dir", help="folder of degraded recordings (searched recursively), or one file")
     p.add_argument("--test_noise_wav", dest="input_dir_alias", help="same as --input_dir")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--checkpoint", help=f"enhancer checkpoint (default: {DEFAULT_ENHANCER.relative_to(REPO_ROOT)})")
@@ -241,8 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
-    if not input_dir.is_dir():
-        raise UserError(f"input folder not found: {input_dir}")
+    if not input_dir.exists():
+        raise UserError(f"input folder or file not found: {input_dir}")
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = DEFAULT_CODEC if args.codec_only else DEFAULT_ENHANCER
@@ -259,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
         if device.type != "cpu":
             raise UserError("--quantize uses CPU int8 kernels; add --device cpu")
         enhancer.predictor = quantize_predictor(enhancer.predictor)
+    record_settings(output_dir, {"checkpoint": str(Path(checkpoint).resolve()), "codec_only": args.codec_only,
+                                 "decoding": enhancer.decoding, "temperature": enhancer.temperature,
+                                 "quantize": args.quantize}, args.overwrite)
 
     done = skipped = failed = 0
     audio_seconds = compute_seconds = 0.0
@@ -267,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for source, target in progress:
             name = source.relative_to(input_dir.resolve())
-            if target.exists() and not args.overwrite:
+            tokens_missing = args.save_tokens and not target.with_suffix(".tokens.npy").exists()
+            if target.exists() and not args.overwrite and not tokens_missing:
                 skipped += 1
                 continue
             try:

@@ -466,3 +466,21 @@ def test_training_settings_that_cannot_work_are_one_line_exit_2(override: dict, 
     error = capfd.readouterr().err.strip().splitlines()
     assert len(error) == 1 and words in error[0], error
     assert not list((tmp_path / "run").glob("checkpoint_*.pt"))
+
+
+def test_one_file_as_input_and_reruns_that_would_mix_settings(tmp_path: Path, speech: np.ndarray,
+                                                              tiny_checkpoints: tuple[Path, Path],
+                                                              capfd: pytest.CaptureFixture) -> None:
+    """A single file is a valid input; a rerun that asks for tokens writes them; a rerun with another decoding is
+    refused before any compute, since it would keep the outputs of the first; --overwrite redoes them."""
+    enhancer, _ = tiny_checkpoints
+    save_audio(tmp_path / "in" / "a.wav", speech[:16000], 16000)
+    argv = ["--input_dir", str(tmp_path / "in" / "a.wav"), "--output_dir", str(tmp_path / "out"), "--checkpoint",
+            str(enhancer), "--device", "cpu"]
+    assert inference.main(argv) == 0 and (tmp_path / "out" / "a.wav").is_file()
+    assert inference.main(argv + ["--save_tokens"]) == 0 and (tmp_path / "out" / "a.tokens.npy").is_file()
+    capfd.readouterr()
+    assert inference.main(argv + ["--decoding", "expected"]) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "decoding argmax → expected" in error[0] and "--overwrite" in error[0], error
+    assert inference.main(argv + ["--decoding", "expected", "--overwrite"]) == 0
