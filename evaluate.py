@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metrics import DEGRADED_PREFIX, METRICS, POWER_FLOOR, SAMPLE_RATE, Job, power_spectrogram, score_jobs
+from metrics import (DEGRADED_PREFIX, LENGTH_TOLERANCE, METRICS, POWER_FLOOR, SAMPLE_RATE, Job, power_spectrogram,
+                     score_jobs)
 from utils import AUDIO_EXTENSIONS, UserError, atomic_write, find_audio_files, load_audio, run_command
 
 
@@ -131,6 +132,13 @@ def build_jobs(
             f"{clean_root} (same relative path, or the path without its first folder)"
         )
     return jobs, not_in_manifest
+
+
+def unmatched_clean(jobs: Sequence[Job], clean_dir: str | Path) -> list[str]:
+    """The clean files that no enhanced file was paired with (a folder scored only in part)."""
+    paired = {Path(job.clean).resolve() for job in jobs if job.clean is not None}
+    root = Path(clean_dir)
+    return [rel.as_posix() for rel in find_audio_files(root) if (root / rel).resolve() not in paired]
 
 
 # ---------------------------------------------------------------------------------------- scoring folders
@@ -343,6 +351,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figures", type=int, default=0, help="write this many spectrogram comparison PNGs")
     parser.add_argument("--figures_dir", default="figures", help="folder for --figures (default: figures/)")
     parser.add_argument("--no_dnsmos", action="store_true", help="skip DNSMOS (the slowest metric)")
+    parser.add_argument("--allow_incomplete", action="store_true",
+                        help="exit 0 although clean files have no enhanced file or lengths differ by more than 1%%")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
@@ -364,6 +374,14 @@ def run(args: argparse.Namespace) -> int:
     for line in _grouped_notes(rows):
         print(line, file=sys.stderr)
     print(summarise(rows))
+    missing = unmatched_clean(jobs, args.clean_dir)
+    mismatched = [row["file"] for row in rows if "lengths differ" in str(row.get("notes") or "")]
+    if missing:
+        print(f"missing: {len(missing)} clean files have no enhanced file and are not in the means "
+              f"(e.g. {', '.join(missing[:3])})")
+    if mismatched:
+        print(f"length-mismatched: {len(mismatched)} enhanced files differ in length from their clean file by more "
+              f"than {100 * LENGTH_TOLERANCE:g}% and were scored on the shorter (e.g. {', '.join(mismatched[:3])})")
     failed = [row for row in rows if row["error"]]
     if failed:
         print()
@@ -374,6 +392,9 @@ def run(args: argparse.Namespace) -> int:
     if args.figures:
         for path in write_figures(rows, jobs, args.figures, args.figures_dir):
             print(f"figure: {path}")
+    if (missing or mismatched) and not args.allow_incomplete:
+        print("exit code 1: the means cover only part of the clean set (--allow_incomplete accepts that)")
+        return 1
     return 1 if failed else 0
 
 

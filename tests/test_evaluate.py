@@ -241,3 +241,20 @@ def test_plot_spectrograms_from_arrays(tmp_path):
     clean = speech_like(1.0, seed=5)
     out = evaluate.plot_spectrograms([add_noise(clean, 0, 1), clean], ["noisy", "clean"], tmp_path / "f.png")
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 10_000
+
+
+def test_a_partly_enhanced_or_cut_set_is_counted_and_fails_unless_allowed(tmp_path, capsys):
+    """Means over a subset look like means over the set: missing files and files of the wrong length are counted
+    under the table, and the exit code is 1 unless --allow_incomplete."""
+    clean = [speech_like(2.0, seed=s) for s in (1, 2, 3)]
+    for i, c in enumerate(clean):
+        save_audio(tmp_path / "C" / f"u{i}.wav", c, 16000)
+    save_audio(tmp_path / "E" / "u0.wav", add_noise(clean[0], 20, seed=1), 16000)
+    save_audio(tmp_path / "E" / "u1.wav", clean[1][: len(clean[1]) // 2], 16000)  # half as long
+    argv = ["--enhanced_dir", str(tmp_path / "E"), "--clean_dir", str(tmp_path / "C"), "--output",
+            str(tmp_path / "r.csv"), "--workers", "1", "--no_dnsmos"]
+    assert evaluate.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "missing: 1 clean files have no enhanced file" in printed and "u2.wav" in printed
+    assert "length-mismatched: 1 enhanced files" in printed and "u1.wav" in printed
+    assert evaluate.main(argv + ["--allow_incomplete"]) == 0
