@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from models import ENHANCERS, build_codec, build_enhancer
-from models.codec import Codec
+from models.codec import Codec, codec_classes
 from utils import UserError, atomic_write, run_command
 
 FORMAT = 2
@@ -89,7 +89,10 @@ def _load_state(module: torch.nn.Module, state: dict, source: str | Path) -> Non
 def tokenizer_digest(payload: dict) -> str:
     """A fingerprint of what decides a codec's tokens (its tokenizer config and weights, as float32): two codecs
     with the same digest give the same tokens, whatever their decoders."""
-    codec_class = type(build_codec(payload["config"]))
+    classes, name = codec_classes(), payload["config"].get("class")  # the class alone, not a model built from it
+    if name not in classes:
+        raise UserError(f"unknown codec class {name!r} (expected one of {', '.join(classes)})")
+    codec_class = classes[name]
     digest = hashlib.sha256()
     config = {k: payload["config"][k] for k in ("class", *codec_class.tokenizer_keys)}
     digest.update(json.dumps(config, sort_keys=True).encode())

@@ -138,10 +138,15 @@ def build_from_section(classes: dict[str, type], section: dict, where: str, **ex
     return model
 
 
-def build_codec(section: dict, sample_rate: int | None = None) -> Codec:
-    """A fresh codec from its config section (a stored codec config carries its own sample rate)."""
+def codec_classes() -> dict[str, type[Codec]]:
+    """The codec classes a config may name (imported here because they subclass Codec)."""
     from models.mdct_codec import MDCTCodec
     from models.mel_codec import MelCodec
 
+    return {"MDCTCodec": MDCTCodec, "MelCodec": MelCodec}
+
+
+def build_codec(section: dict, sample_rate: int | None = None) -> Codec:
+    """A fresh codec from its config section (a stored codec config carries its own sample rate)."""
     extra = {} if sample_rate is None else {"sample_rate": sample_rate}
-    return build_from_section({"MDCTCodec": MDCTCodec, "MelCodec": MelCodec}, section, "codec", **extra)
+    return build_from_section(codec_classes(), section, "codec", **extra)
