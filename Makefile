@@ -12,9 +12,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The free enhancers the model is compared with (peers.py); the tests of that comparison need them.
+$(VENV)/.peers: $(VENV)/.installed requirements-peers.txt
+	$(PY) -m pip install --quiet -r requirements-peers.txt
+	touch $@
+
 setup: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.peers
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed

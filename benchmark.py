@@ -3,6 +3,7 @@
     python benchmark.py [--config config.json] [--serial_config configs/serial.json] [--threads 2] [--seconds 10]
                         [--repeats 5] [--lengths 5,10,60,600] [--batch_sizes 1,4] [--quantize] [--json out.json]
                         [--skip_serial]
+    python benchmark.py --checkpoint [CKPT] [--peers] [--threads 2] [--seconds 10] [--json out.json]
 
 ParaGSE is built at --config (the paper's by default) on its group-VQ codec; the serial (UDSE-style) baseline at
 --serial_config, the same codec with a residual VQ. Weights are random (seeded), which is all a
@@ -18,6 +19,14 @@ measured fp32 matrix-multiply rate and the RTF it implies as a lower bound; RTF 
 recording length through the windowed inference.Enhancer (each length in a fresh process, so the peak of one does
 not hide the next); throughput with batches of equal-length clips; and, with --quantize, int8 dynamic quantisation
 of the predictor: its RTF and the fraction of tokens identical to fp32.
+
+With --checkpoint (no value: the shipped demo model), a trained enhancer is timed instead, as inference.py runs it
+(its own decoding and windows): "encoder" (codec encoder), "condition" (STFT features and degraded branch),
+"token_branches" (the group logits), "decoder" (the codec decoder network, from the tokens or the expected codebook
+vectors), "vocoder" (the decoder output to a waveform: Griffin-Lim or the inverse MDCT) and "total" (the windowed
+pipeline of inference.Enhancer.enhance). --peers times the free enhancers of peers.py on the same audio in the
+same interleaved rounds, so the RTFs compare like with like. The JSON then has `checkpoint` ({"path", "rtf",
+"stages"}) and `peers` ({name: rtf}).
 
 Stages: "stft" (STFT features), "encoder" (codec encoder to tokens), "stft_encoder" (both), "predictor" (the token
 predictor on those: degraded branch plus token branches or serial generators), "decoder" (codec decoder), and
@@ -54,10 +63,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import inference
+import peers
 from models import Codec, build_codec, build_enhancer
 from models.conformer import GroupedBiLSTM
 from models.int8 import quantize_predictor
-from utils import REPO_ROOT, UserError, count_parameters, load_audio, load_config, seed_everything
+from utils import (REPO_ROOT, UserError, atomic_write, count_parameters, load_audio, load_config, require_writable,
+                   seed_everything)
 
 SEED = 0
 STAGES = ("stft", "encoder", "stft_encoder", "predictor", "decoder", "total")
@@ -107,7 +118,7 @@ def build_system(name: str, config: dict) -> System:
 def make_enhancer(codec: Codec, predictor: torch.nn.Module | None, config: dict) -> inference.Enhancer:
     window = config["inference"]
     return inference.Enhancer(codec, predictor, torch.device("cpu"), window["window_seconds"],
-                              window["overlap_seconds"]).parallelize()
+                              window["overlap_seconds"], input_level_db=window["input_level_db"]).parallelize()
 
 
 # ---------------------------------------------------------------------------------------- sizes and FLOPs
@@ -368,6 +379,78 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Zero-argument calls for each stage of a trained enhancer's pipeline on `wav` (1, samples)."""
+    codec, predictor = enhancer.codec, enhancer.predictor
+    expected = enhancer.decoding == "expected"
+    audio = wav[0].numpy()
+    with torch.inference_mode():
+        padded = codec.pad(wav)
+        degraded_tokens = codec.encode(padded)
+        condition = predictor.condition(padded)
+        group_logits = predictor.predict(condition, degraded_tokens)
+        probs = (group_logits.float() / enhancer.temperature).softmax(dim=-1)
+        tokens = group_logits.argmax(dim=-1)
+
+    def decoder() -> torch.Tensor:
+        latent = codec.quantizer.decode_expected(probs) if expected else codec.quantizer.decode(tokens)
+        return codec.decode_latent(latent)
+
+    with torch.inference_mode():
+        decoded = decoder()
+    return {
+        "encoder": lambda: codec.encode(padded),
+        "condition": lambda: predictor.condition(padded),
+        "token_branches": lambda: predictor.predict(condition, degraded_tokens),
+        "decoder": decoder,
+        "vocoder": lambda: codec.synthesise(decoded, wav.shape[-1]),
+        "total": lambda: enhancer.enhance(audio),
+    }
+
+
+def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
+    """Stage RTFs of a trained enhancer (and, with --peers, the peers' RTFs) on the same clip, interleaved."""
+    torch.set_num_threads(args.threads)
+    started_load = load_average()
+    if not Path(args.checkpoint).is_file():
+        raise UserError(f"--checkpoint not found: {args.checkpoint}")
+    enhancer = inference.Enhancer.load(args.checkpoint, device="cpu").parallelize()
+    wav = torch.from_numpy(benchmark_audio(args.seconds, enhancer.sample_rate))[None]
+    seconds = wav.shape[-1] / enhancer.sample_rate
+    calls = {f"checkpoint/{stage}": call for stage, call in checkpoint_stage_functions(enhancer, wav).items()}
+    if args.peers:
+        if enhancer.sample_rate != peers.SAMPLE_RATE:
+            raise UserError(f"--peers needs a {peers.SAMPLE_RATE} Hz model, not {enhancer.sample_rate} Hz")
+        try:
+            loaded = peers.load_peers(list(peers.PEERS))
+        except ImportError as e:
+            raise UserError(str(e)) from e
+        audio = wav[0].numpy()
+        calls |= {f"peers/{peer.name}": (lambda peer=peer: peer(audio)) for peer in loaded.values()}
+    medians = interleaved_medians(calls, args.repeats)
+    stages = {key.split("/")[1]: value / seconds for key, value in medians.items() if key.startswith("checkpoint/")}
+    return {
+        "threads": args.threads, "seconds": seconds, "repeats": args.repeats, "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "allocator_keeps_freed_memory": args.allocator_tuned,
+        "checkpoint": {"path": str(args.checkpoint), "decoding": enhancer.decoding,
+                       "temperature": enhancer.temperature, "codec": type(enhancer.codec).__name__,
+                       "rtf": stages["total"], "stages": stages},
+        "peers": {key.split("/")[1]: value / seconds for key, value in medians.items() if key.startswith("peers/")},
+        "load_average": {"start": started_load, "end": load_average()},
+    }
+
+
+def checkpoint_report(r: dict) -> str:
+    c = r["checkpoint"]
+    lines = [f"## Speed of {c['path']} at {r['threads']} threads, {r['seconds']:.1f} s of audio "
+             f"({c['codec']}, {c['decoding']} decoding)", "", "| stage | RTF |", "|---|---:|"]
+    lines += [f"| {stage} | {value:.4f} |" for stage, value in c["stages"].items()]
+    if r["peers"]:
+        lines += ["", "| peer | RTF |", "|---|---:|"] + [f"| {n} | {v:.4f} |" for n, v in r["peers"].items()]
+    lines.append(f"\n- load average (1 min) at start / end: {r['load_average']['start']} / {r['load_average']['end']}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------- report
 def markdown_report(r: dict) -> str:
     """The results as markdown tables."""
@@ -430,10 +513,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serial_config", default=REPO_ROOT / "configs" / "serial.json",
                    help="the serial baseline's configuration (default: configs/serial.json, the paper's)")
     p.add_argument("--skip_serial", action="store_true", help="time ParaGSE only")
+    p.add_argument("--checkpoint", nargs="?", const=inference.DEFAULT_ENHANCER, type=Path,
+                   help="time this trained enhancer's pipeline instead (no value: the shipped demo model)")
+    p.add_argument("--peers", action="store_true", help="with --checkpoint: also time the peers of peers.py")
     p.add_argument("--_length_probe", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.seconds <= 0:
         p.error("--threads and --repeats must be at least 1 and --seconds positive")
+    if args.peers and args.checkpoint is None:
+        p.error("--peers needs --checkpoint (the peers are compared with a trained model)")
     return args
 
 
@@ -441,19 +529,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.allocator_tuned = cpu_speed.enable()  # as inference.py's command line does
     try:
+        if args.json:
+            require_writable(args.json.parent, "--json")  # before the minutes of measuring
         if args._length_probe is not None:
             torch.set_num_threads(args.threads)
             with torch.inference_mode():
                 print(json.dumps(length_probe(load_config(args.config), args._length_probe, args.repeats)))
             return 0
-        result = run_benchmark(args)
+        result = run_checkpoint_benchmark(args) if args.checkpoint else run_benchmark(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown_report(result))
+    print(checkpoint_report(result) if args.checkpoint else markdown_report(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return 0
 
 

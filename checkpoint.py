@@ -25,10 +25,10 @@ import torch
 
 from models import ENHANCERS, build_codec, build_enhancer
 from models.codec import Codec, codec_classes
-from utils import UserError, atomic_write, run_command
+from utils import UserError, atomic_write, load_config, run_command
 
 FORMAT = 2
-INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "temperature")
+INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "temperature", "input_level_db")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -142,7 +142,9 @@ def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec, dict]:
     codec = codec_from_payload(payload["codec"], path)
     predictor = build_enhancer(payload["config"], codec)
     _load_state(predictor, payload["model"], path)
-    return predictor.eval(), codec, payload["inference"]
+    # A checkpoint saved before a setting existed takes the project's default for it.
+    defaults = {k: v for k, v in load_config()["inference"].items() if k in INFERENCE_DEFAULTS_KEYS}
+    return predictor.eval(), codec, defaults | payload["inference"]
 
 
 def load_weights(module: torch.nn.Module, payload: dict, source: str | Path) -> None:
@@ -155,14 +157,44 @@ def _cast(state: dict, half: bool) -> dict:
     return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
 
 
+def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> None:
+    """Apply 'dotted.key=JSON value' to a codec payload's config, for a setting that leaves its tokens and weights
+    as they are (such as griffin_lim.iterations): a tokenizer setting, an unknown key or one that no longer fits the
+    weights is refused in one line."""
+    key, sep, text = assignment.partition("=")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text  # a bare string
+    path = key.split(".")
+    if not sep or not all(path):
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. griffin_lim.iterations=14")
+    if path[0] in codec_classes()[payload["config"]["class"]].tokenizer_keys or path[0] == "class":
+        raise UserError(f"--set {key}: that setting decides the codec's tokens; retrain instead")
+    section = payload["config"]
+    for part in path[:-1]:
+        if not isinstance(section.get(part), dict):
+            raise UserError(f"--set {key}: {source} has no config section {part!r}")
+        section = section[part]
+    if path[-1] not in section:
+        raise UserError(f"--set {key}: {source} has no setting {path[-1]!r} there")
+    section[path[-1]] = value
+    codec_from_payload(payload, source)  # builds it and loads the weights: the value must fit both
+
+
 def export(source: Path, output: Path, half: bool = False, name_codec: Path | None = None,
-           decoding: str | None = None, temperature: float | None = None) -> dict:
+           decoding: str | None = None, temperature: float | None = None, settings: tuple[str, ...] = ()) -> dict:
     """Slim copy of a checkpoint for inference: weights (float16 with `half`), configs, history; no training state.
 
     name_codec: store a reference to that codec file (it must give the same tokens as the enhancer's) instead of
-    carrying the codec. decoding / temperature: the enhancer's new inference defaults.
+    carrying the codec. decoding / temperature: the enhancer's new inference defaults. settings: 'key=value'
+    changes of a codec's non-tokenizer config (set_codec_setting).
     """
     payload = load(source)
+    if settings and payload["kind"] != "codec":
+        raise UserError(f"{source}: --set changes a codec checkpoint's settings; this is an {payload['kind']}")
+    for assignment in settings:
+        set_codec_setting(payload, assignment, source)
     out = {key: payload[key] for key in ("format", "kind", "config", "inference") if key in payload}
     out["model"] = _cast(payload["model"], half)
     training = payload.get("training", {})
@@ -283,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "codec: it must stay beside the output")
     e.add_argument("--decoding", choices=DECODINGS, help="the enhancer's default decoding")
     e.add_argument("--temperature", type=float, help="the enhancer's default temperature for expected decoding")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a codec setting that leaves its tokens and weights alone, e.g. griffin_lim.iterations=14")
     c = commands.add_parser("convert", help="a checkpoint of the earlier format (trusted files only) to this one")
     c.add_argument("checkpoint", type=Path)
     c.add_argument("output", type=Path)
@@ -300,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
             check_decoding(args.decoding or inference["decoding"],
                            inference["temperature"] if args.temperature is None else args.temperature,
                            ENHANCERS[payload["config"]["class"]])
-        out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature)
+        out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature,
+                     tuple(args.set))
     print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB ({out['config']['class']}, "
           f"step {out['history'].get('step')})")
     return 0

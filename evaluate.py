@@ -32,7 +32,8 @@ import numpy as np
 
 from metrics import (DEGRADED_PREFIX, LENGTH_TOLERANCE, METRICS, POWER_FLOOR, SAMPLE_RATE, Job, power_spectrogram,
                      score_jobs)
-from utils import AUDIO_EXTENSIONS, UserError, atomic_write, find_audio_files, load_audio, run_command
+from utils import (AUDIO_EXTENSIONS, UserError, atomic_write, find_audio_files, load_audio, require_writable,
+                   run_command)
 
 
 # ----------------------------------------------------------------------------------------- pairing files
@@ -363,13 +364,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.figures < 0:
         raise UserError(f"--figures must be 0 or more, got {args.figures}")
+    output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name such as {output / 'results.csv'}")
+    require_writable(output.parent, "--output")  # before the scoring, which is the slow part
+    if args.figures:
+        require_writable(args.figures_dir, "--figures_dir")
     manifest = read_manifest(args.manifest) if args.manifest else None
     jobs, not_in_manifest = build_jobs(args.enhanced_dir, args.clean_dir, args.degraded_dir, manifest)
     if not_in_manifest:
         print(f"note: files not in the manifest: {not_in_manifest} (condition taken from their folder)",
               file=sys.stderr)
     rows = score_jobs(jobs, workers=args.workers, dnsmos=not args.no_dnsmos, debug=args.debug)
-    write_csv(rows, args.output)
+    try:
+        write_csv(rows, output)
+    except OSError as e:  # e.g. the disk filled up while scoring: the table below still shows every mean
+        print(f"error: cannot write {output} ({e.strerror or e}); the means are printed below", file=sys.stderr)
+        output = None
 
     for line in _grouped_notes(rows):
         print(line, file=sys.stderr)
@@ -388,14 +399,15 @@ def run(args: argparse.Namespace) -> int:
         for row in failed:
             print(f"cannot score {row['file']}: {row['error']}")
         print(f"{len(failed)} of {len(rows)} files could not be scored and are left out of the means")
-    print(f"per-file results: {args.output}")
+    if output is not None:
+        print(f"per-file results: {output}")
     if args.figures:
         for path in write_figures(rows, jobs, args.figures, args.figures_dir):
             print(f"figure: {path}")
     if (missing or mismatched) and not args.allow_incomplete:
         print("exit code 1: the means cover only part of the clean set (--allow_incomplete accepts that)")
         return 1
-    return 1 if failed else 0
+    return 1 if failed or output is None else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,10 +31,12 @@ from checkpoint import check_decoding, load_codec, load_enhancer
 from models.codec import Codec
 from models.int8 import quantize_predictor
 from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio,
-                   load_config, prepare_audio, resolve_device, run_command, save_audio)
+                   load_config, normalise_level, prepare_audio, require_writable, resolve_device, run_command,
+                   save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
+DC_NOTE_THRESHOLD = 0.01  # a smaller offset is removed without a note: it is within ordinary recordings' offsets
 
 
 @dataclass
@@ -54,14 +56,17 @@ class Enhancer:
 
     def __init__(self, codec: Codec, predictor: torch.nn.Module | None, device: torch.device,
                  window_seconds: float, overlap_seconds: float, batch_size: int = 1, decoding: str = "argmax",
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, input_level_db: float | None = None):
         """decoding: "argmax" (the paper: the most likely token of every group) or "expected" (the codebook vectors
-        averaged under each group's predicted distribution, sharpened by `temperature`; ParaGSE only)."""
+        averaged under each group's predicted distribution, sharpened by `temperature`; ParaGSE only).
+        input_level_db: the active level (dBFS) a recording is brought to before the codec sees it, its DC offset
+        removed; the output gets the input's level back. None: level as given (DC still removed)."""
         check_decoding(decoding, temperature, type(predictor) if predictor is not None else None)
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None
         self.device, self.batch_size = device, batch_size
         self.decoding, self.temperature = decoding, temperature
+        self.input_level_db = input_level_db
         self.sample_rate = codec.sample_rate
         self.frame = codec.samples_per_token
         # How independent tasks of one batch run: in order here; cpu_speed.run_concurrently with `parallelize`.
@@ -86,11 +91,13 @@ class Enhancer:
             codec, predictor = load_codec(path or DEFAULT_CODEC), None
             defaults = {"decoding": "argmax", "temperature": 1.0}
             # A codec stores no inference settings: its windows are the project's defaults.
-            defaults |= {k: load_config()["inference"][k] for k in ("window_seconds", "overlap_seconds")}
+            defaults |= {k: load_config()["inference"][k] for k in ("window_seconds", "overlap_seconds",
+                                                                    "input_level_db")}
         else:
             predictor, codec, defaults = load_enhancer(path or DEFAULT_ENHANCER)
         return cls(codec, predictor, device, defaults["window_seconds"], defaults["overlap_seconds"], batch_size,
-                   decoding or defaults["decoding"], defaults["temperature"] if temperature is None else temperature)
+                   decoding or defaults["decoding"], defaults["temperature"] if temperature is None else temperature,
+                   defaults["input_level_db"])
 
     def parallelize(self) -> "Enhancer":
         """Run independent work as concurrent single-threaded tasks on CPU (cpu_speed); outputs are unchanged."""
@@ -151,7 +158,12 @@ class Enhancer:
         notes: list[str] = []
         if not np.any(audio):
             return Result(np.zeros_like(audio), None, ["input is silent: the output is silence"])
-        wav = torch.from_numpy(audio).to(self.device)
+        offset = float(audio.mean(dtype=np.float64))
+        if abs(offset) >= DC_NOTE_THRESHOLD:
+            notes.append(f"removed a DC offset of {offset:+.3f}")
+        # One gain for the whole recording (not per window), so the level does not pump from window to window.
+        wav, gain = normalise_level(torch.from_numpy(audio)[None], self.input_level_db, self.sample_rate)
+        wav = wav[0].to(self.device)
         starts = self.window_starts(length)
         ends = [s + self.window for s in starts[:-1]] + [length]
         output = torch.zeros(length, device=self.device)
@@ -178,7 +190,7 @@ class Enhancer:
                 available = window_tokens.shape[-1] - (first - starts[i] // self.frame)
                 count = min(available, token_frames - first)
                 tokens[:, first : first + count] = window_tokens[row, :, -available:][:, :count]
-        output = output / weight.clamp_min(1e-8)
+        output = output / weight.clamp_min(1e-8) / float(gain)
         if float(output.abs().max()) > 1.0:
             notes.append("output limited to full scale")
         return Result(output.cpu().numpy(), tokens.cpu().numpy(), notes)
@@ -276,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     jobs = plan_outputs(input_dir, output_dir)
+    require_writable(output_dir, "--output_dir")
     enhancer = Enhancer.load(checkpoint, device, args.codec_only, args.batch_size, args.decoding,
                              args.temperature).parallelize()
     if args.quantize:

@@ -35,8 +35,8 @@ from models.losses import discriminator_hinge_loss, feature_matching_loss, gener
 from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, check_segment_length,
                   check_training_config, distributed, ensure_finite_weights, load_latest_checkpoint, log,
                   make_loader, setup_distributed)
-from utils import (UserError, count_parameters, find_audio_files, load_audio, load_config, require_dir,
-                   seed_everything)
+from utils import (UserError, count_parameters, find_audio_files, load_audio, load_config, normalise_level,
+                   require_dir, require_writable, seed_everything)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -292,7 +292,8 @@ class CodecStage(Stage):
 
 class EnhancerStage(Stage):
     """A token predictor on a frozen codec: cross-entropy of the clean tokens, mean over groups. The serial
-    baseline is teacher-forced on the clean tokens of the stages before each."""
+    baseline is teacher-forced on the clean tokens of the stages before each. Every degraded input is brought to
+    inference.input_level_db, as inference.py does, and its clean target by the same gain."""
 
     kind = "enhancer"
 
@@ -320,9 +321,14 @@ class EnhancerStage(Stage):
         self.model_ddp = distributed(self.model, self.world, self.device)
         self.model.train()
 
+    def level(self, degraded: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(degraded at the inference level, clean scaled alike, the gain); both without DC offset."""
+        degraded, gain = normalise_level(degraded, self.inference["input_level_db"], self.codec.sample_rate)
+        return degraded, (clean - clean.mean(dim=-1, keepdim=True)) * gain, gain
+
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int, amp,
              guard: Callable[[torch.Tensor], bool]) -> dict[str, float]:
-        degraded, clean = batch
+        degraded, clean, _ = self.level(*batch)
         with torch.no_grad():
             degraded_tokens, clean_tokens = self.codec.encode(degraded), self.codec.encode(clean)
         with amp:
@@ -336,13 +342,13 @@ class EnhancerStage(Stage):
 
     @torch.inference_mode()
     def validate_one(self, degraded: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        degraded, clean = degraded[None], clean[None]
+        degraded, clean, gain = self.level(degraded[None], clean[None])
         degraded_tokens, clean_tokens = self.codec.encode(degraded), self.codec.encode(clean)
         group_logits = self.model.predict(self.model.condition(self.codec.pad(degraded)), degraded_tokens)
         predicted = group_logits.argmax(-1)
         accuracies = token_accuracies(predicted, clean_tokens, degraded_tokens)
-        return self.codec.decode(predicted, clean.shape[-1])[0], {k: accuracies[k] for k in ("accuracy",
-                                                                                             "copy_accuracy")}
+        enhanced = self.codec.decode(predicted, clean.shape[-1])[0] / gain[0]  # the input's level back
+        return enhanced, {k: accuracies[k] for k in ("accuracy", "copy_accuracy")}
 
     def payload(self) -> dict:
         training = self.training_state()
@@ -389,7 +395,7 @@ def validate(stage: CodecStage | EnhancerStage, pairs: list, run: TrainingRun, c
 
 
 def train(args: argparse.Namespace, config: dict, rank: int, world: int, device: torch.device) -> None:
-    directory = Path(args.checkpoint_dir)
+    directory = require_writable(args.checkpoint_dir, "--checkpoint_dir") if rank == 0 else Path(args.checkpoint_dir)
     kind = "codec" if args.stage == "codec" else "enhancer"
     stage_cfg = config["codec_training" if kind == "codec" else "enhancer_training"]
     max_steps = stage_cfg["max_steps"] if args.max_steps is None else args.max_steps

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import errno
 import json
 import os
 import random
@@ -207,6 +208,20 @@ def atomic_write(path: str | Path, data: bytes | Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
+def require_writable(folder: str | Path, flag: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any compute is spent on outputs that
+    could not be kept; a one-line UserError naming the flag and the folder otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {folder} ({e.strerror or e})") from None
+    return folder
+
+
 def require_dir(path: str | Path | None, flag: str) -> Path:
     """An existing folder with audio files in it, or a one-line UserError naming the flag."""
     if path is None:
@@ -225,7 +240,14 @@ def save_audio(path: str | Path, audio: np.ndarray | torch.Tensor, sample_rate: 
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().float().cpu().numpy()
     audio = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    atomic_write(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV"))
+
+    def write(tmp: str) -> None:
+        try:
+            sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
+        except sf.SoundFileError as e:  # libsndfile reports a full disk as its own error, not as an OSError
+            raise OSError(errno.EIO, f"cannot write audio: {e}") from None
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------- misc helpers
@@ -266,6 +288,33 @@ def set_rng_state(state: dict) -> None:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# Frames whose power is this far below the loudest frame are pauses, left out of the active level.
+ACTIVE_RANGE_DB = 40.0
+MAX_LEVEL_GAIN_DB = 60.0  # a near-silent input is raised by at most this much
+
+
+def normalise_level(wav: torch.Tensor, level_db: float | None, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, samples) -> (each row with its DC offset removed and its active level at `level_db` dBFS, the gain
+    applied (batch, 1)). Divide an output by the gain to give it the input's level back. `level_db` None: the DC
+    offset is removed and the gain is 1.
+
+    Why: the codec's log-mel tokens depend on level, so one recording at -40 dB and at 0 dB would otherwise be
+    enhanced as two different inputs. The active level is the mean power of the 20-ms frames within 40 dB of the
+    loudest one, so pauses do not count.
+    """
+    centred = wav - wav.mean(dim=-1, keepdim=True)
+    if level_db is None:
+        return centred, torch.ones_like(wav[..., :1])
+    frame = max(1, sample_rate // 50)
+    frames = max(1, centred.shape[-1] // frame)
+    usable = centred[..., : frames * frame] if centred.shape[-1] >= frame else centred
+    power = usable.reshape(*usable.shape[:-1], frames, -1).square().mean(dim=-1)
+    active = power >= power.amax(dim=-1, keepdim=True) * 10 ** (-ACTIVE_RANGE_DB / 10)
+    level = (power * active).sum(dim=-1, keepdim=True) / active.sum(dim=-1, keepdim=True).clamp(min=1)
+    gain = (10 ** (level_db / 10) / level.clamp(min=1e-20)).sqrt().clamp(max=10 ** (MAX_LEVEL_GAIN_DB / 20))
+    return centred * gain, gain
 
 
 def stft(wav: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:

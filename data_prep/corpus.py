@@ -197,13 +197,24 @@ def noise_group(path: Path) -> str:
     return re.sub(r"[_\-]?\d+$", "", path.stem) or path.stem
 
 
-def noise_sources(corpus_cfg: dict, tuxpaint_effects: list[Path]) -> dict[str, list[Path]]:
-    lincity = _require_dir(corpus_cfg["lincity_dir"], "lincity-ng-data sounds")
-    sonic_pi = _require_dir(corpus_cfg["sonic_pi_dir"], "sonic-pi-samples")
-    return {"lincity": sorted(p for p in lincity.rglob("*") if p.suffix.lower() in (".wav", ".ogg", ".flac")),
-            "sonic-pi": sorted(p for p in sonic_pi.iterdir()
-                               if any(fnmatch.fnmatchcase(p.name, pat) for pat in corpus_cfg["sonic_pi_noise"])),
-            "tuxpaint": tuxpaint_effects}
+def noise_sources(corpus_cfg: dict, tuxpaint_effects: list[Path]) -> dict[str, tuple[Path, list[Path]]]:
+    """{source: (root, files)}: the tuxpaint sound effects plus every `noise_sources` entry of the config, whose
+    files are those under its `dir` matching one of its `include` globs (paths relative to `dir`) and none of its
+    `exclude` globs (voice lines of game units, for instance: speech is not noise)."""
+    sources = {"tuxpaint": (Path(corpus_cfg["tuxpaint_dir"]), tuxpaint_effects)}
+    for entry in corpus_cfg["noise_sources"]:
+        root = _require_dir(entry["dir"], f"noise source {entry['name']} ({entry['package']})")
+        files = []
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if (path.suffix.lower() in (".wav", ".ogg", ".flac") and path.is_file()
+                    and any(fnmatch.fnmatchcase(rel, pattern) for pattern in entry["include"])
+                    and not any(fnmatch.fnmatchcase(rel, pattern) for pattern in entry.get("exclude", []))):
+                files.append(path)
+        if not files:
+            raise UserError(f"data.corpus.noise_sources: {entry['name']} matches no audio file under {root}")
+        sources[entry["name"]] = (root, files)
+    return sources
 
 
 def split_noise_groups(files: list[Path], fraction: float, seed: int, source: str) -> dict[Path, str]:
@@ -246,10 +257,10 @@ def corpus_jobs(corpus_cfg: dict) -> list[Job]:
     for path, source, speaker, rel in asterisk_speech(asterisk) + tux_speech + fillets_speech(fillets):
         split = split_of(source, speaker, corpus_cfg)
         jobs.append(Job("speech", str(path), f"{split}/{source}/{speaker}/{rel.as_posix()}", split, source, speaker))
-    for source, files in noise_sources(corpus_cfg, tux_effects).items():
+    for source, (root, files) in noise_sources(corpus_cfg, tux_effects).items():
         splits = split_noise_groups(files, corpus_cfg["noise_test_fraction"], corpus_cfg["seed"], source)
         for path in files:
-            rel = path.relative_to(corpus_cfg[f"{source.replace('-', '_')}_dir"])
+            rel = path.relative_to(root)
             name = "_".join(relative_wav(rel).parts)
             jobs.append(Job("noise", str(path), f"noise/{splits[path]}/{source}/{name}", splits[path], source,
                             noise_group(path)))

@@ -6,8 +6,16 @@ Why a codec decoder may end here instead of in an inverse MDCT: the MDCT is crit
 of its coefficients is a valid signal and a decoder must learn the signs (the phase) from data; on a CPU budget it
 does not (see MODEL_CARD.md). A centred STFT with hop 40 and window 320 is 8x redundant, so a phase consistent with
 a magnitude can be found by iteration instead of learned.
+
+Why the iteration does not start from zero phase: the phase of a smooth-window STFT is tied to the gradient of its
+log-magnitude (Portnoff; Prusa et al., "A noniterative method for reconstruction of phase from STFT magnitude",
+2017). Integrating the instantaneous frequency that the frequency-gradient gives, frame by frame, yields a phase
+that is already nearly consistent; a few iterations then do what 32 from zero phase did (research/griffin_lim_options.py
+measures the choice).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,40 +24,82 @@ from torch import nn
 from utils import UserError, istft, stft
 
 
+# The Gaussian whose phase-magnitude relation best matches a Hann window of length L has time spread
+# lambda = 0.25645 L^2 samples^2 (Prusa et al., 2017, table 1).
+HANN_GAUSSIAN_SPREAD = 0.25645
+
+
+def integrated_phase(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:
+    """A unit phasor (batch, bins, frames) for an STFT magnitude, from the instantaneous frequency its log-magnitude
+    gradient along frequency implies, integrated over frames (trapezoid rule; frame 0 has phase 0).
+
+    For a partial at frequency f (cycles per sample), a Gaussian window of spread lambda makes the log-magnitude
+    across bins m a parabola with slope -2 pi lambda (m / n_fft - f) / n_fft, so f = m / n_fft + n_fft / (2 pi lambda)
+    * d(log|S|)/dm, and in `stft`'s convention (each frame's DFT relative to its first sample) the phase of bin m
+    advances by 2 pi f hop per frame.
+    """
+    log_magnitude = magnitude.clamp(min=1e-6).log()
+    slope = torch.zeros_like(log_magnitude)
+    slope[:, 1:-1] = 0.5 * (log_magnitude[:, 2:] - log_magnitude[:, :-2])
+    spread = HANN_GAUSSIAN_SPREAD * win_length ** 2
+    bins = torch.arange(magnitude.shape[1], device=magnitude.device, dtype=magnitude.dtype)[:, None]
+    advance = (2 * math.pi * hop_length / n_fft) * bins + (hop_length * n_fft / spread) * slope
+    phase = torch.cumsum(0.5 * (advance[..., 1:] + advance[..., :-1]), dim=-1)
+    phase = torch.cat([torch.zeros_like(phase[..., :1]), phase], dim=-1)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
 class MelGriffinLim(nn.Module):
-    """Fast Griffin-Lim (Perraudin et al., 2013) from zero phase, so the same input always gives the same output."""
+    """Fast Griffin-Lim (Perraudin et al., 2013) from the integrated phase; deterministic (no random start)."""
 
     def __init__(self, mel_filters: torch.Tensor, hop_length: int, win_length: int, n_fft: int, iterations: int,
                  momentum: float):
         """mel_filters (n_mels, mel_n_fft // 2 + 1): the filterbank that made the log-mel (`LogMel.filters`), so the
         two cannot drift apart."""
         super().__init__()
-        mel_n_fft = 2 * (mel_filters.shape[-1] - 1)
-        if mel_n_fft % n_fft or n_fft < win_length:
-            raise UserError(f"griffin_lim.n_fft ({n_fft}) must divide the mel n_fft ({mel_n_fft}) and cover the "
-                             f"window ({win_length})")
+        if n_fft < win_length:
+            raise UserError(f"griffin_lim.n_fft ({n_fft}) must cover the window ({win_length})")
+        if iterations < 0:
+            raise UserError(f"griffin_lim.iterations must be 0 or more, not {iterations}")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
         self.iterations, self.momentum = iterations, momentum
-        # A window zero-padded to mel_n_fft has, at every (mel_n_fft / n_fft)-th bin, exactly the n_fft spectrum:
-        # the iteration runs on the shorter FFT (the cost) without changing the magnitude it aims at.
-        inverse = torch.linalg.pinv(mel_filters.double())[:: mel_n_fft // n_fft]
-        self.register_buffer("inverse_filters", inverse.float(), persistent=False)
+        self.register_buffer("inverse_filters", self.inverse_filterbank(mel_filters, n_fft), persistent=False)
+
+    @staticmethod
+    def inverse_filterbank(mel_filters: torch.Tensor, n_fft: int) -> torch.Tensor:
+        """(n_fft // 2 + 1, n_mels): the pseudo-inverse of the filterbank, read at this FFT's bin frequencies.
+
+        The log-mel's STFT zero-pads a window shorter than its FFT, so its bins sample the window's spectrum more
+        densely than the iteration's FFT does; both sample the same smooth spectrum, and linear interpolation
+        between the dense bins (exact where the sizes divide) gives the magnitude the iteration aims at, whose FFT
+        can then be as short as the window (the cost).
+        """
+        dense = torch.linalg.pinv(mel_filters.double())  # (mel_n_fft // 2 + 1, n_mels)
+        mel_n_fft = 2 * (dense.shape[0] - 1)
+        position = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (mel_n_fft / n_fft)
+        below = position.floor().long().clamp(max=dense.shape[0] - 2)
+        fraction = (position - below)[:, None]
+        return (dense[below] * (1 - fraction) + dense[below + 1] * fraction).float()
 
     def magnitude(self, log_mel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> linear STFT magnitude (batch, n_fft // 2 + 1, frames)."""
         return torch.matmul(self.inverse_filters, log_mel.float().exp()).clamp_(min=0.0)
+
+    def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Unit phasors (batch, bins, frames) the iteration starts from."""
+        return integrated_phase(magnitude, self.n_fft, self.hop_length, self.win_length)
 
     def forward(self, log_mel: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded."""
         magnitude = self.magnitude(log_mel)
         full = (magnitude.shape[-1] - 1) * self.hop_length  # the length whose STFT has exactly these frames
         spec = (self.n_fft, self.hop_length, self.win_length)
-        phase = torch.ones_like(magnitude, dtype=torch.complex64)
+        phase = self.initial_phase(magnitude)
         previous = torch.zeros_like(phase)
         for _ in range(self.iterations):
             rebuilt = stft(istft(magnitude * phase, *spec, full), *spec)
-            accelerated = rebuilt + self.momentum * (rebuilt - previous)
+            # lerp with weight 1 + momentum is rebuilt + momentum * (rebuilt - previous), in one pass; sgn is z / |z|
+            phase = torch.lerp(previous, rebuilt, 1.0 + self.momentum).sgn_()
             previous = rebuilt
-            phase = accelerated / accelerated.abs().clamp_(min=1e-8)
         wav = istft(magnitude * phase, *spec, full)
         return wav if length is None else F.pad(wav, (0, max(0, length - full)))[..., :length]

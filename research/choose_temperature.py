@@ -51,7 +51,8 @@ def build_enhancers(path: Path, temperatures: list[float]) -> tuple[list[tuple[s
     predictor, codec, defaults = checkpoint.load_enhancer(path)
     decodings = [("argmax", 1.0)] + [("expected", t) for t in temperatures]
     enhancers = [Enhancer(codec, predictor, torch.device("cpu"), defaults["window_seconds"],
-                          defaults["overlap_seconds"], decoding=d, temperature=t) for d, t in decodings]
+                          defaults["overlap_seconds"], decoding=d, temperature=t,
+                          input_level_db=defaults["input_level_db"]) for d, t in decodings]
     return decodings, enhancers
 
 

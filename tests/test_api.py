@@ -58,6 +58,27 @@ def test_nan_samples_are_zeroed_with_a_note_and_bad_audio_is_one_line(enhancer: 
             enhancer(audio, rate)
 
 
+def test_quiet_loud_and_offset_recordings_are_enhanced_alike(enhancer: Enhancer) -> None:
+    """The codec's tokens depend on level: the input is brought to one level (DC removed) and the output given the
+    input's level back, so a recording at -40, -20 or 0 dB, or with a DC offset, comes out the same up to level."""
+    from metrics import score_pair
+    from utils import load_audio
+
+    clean = load_audio(EXAMPLES / "clean" / "allison_dir_firstlast.wav", 16000)[0]
+    scores = {}
+    for db, offset in ((0, 0.0), (-20, 0.0), (-40, 0.0), (0, 0.2)):
+        scale = 10 ** (db / 20)
+        out, notes = enhancer(clean * scale + offset, 16000)
+        assert abs(float(out.mean())) < 1e-3, "no DC offset in the output"
+        assert ("removed a DC offset of +0.200" in notes) == (offset != 0)
+        assert 0.5 < np.std(out) / np.std(clean * scale) < 2.0, "the output keeps the input's level"
+        scores[(db, offset)] = score_pair(out / scale, clean, dnsmos=False)
+    reference = scores[(0, 0.0)]
+    assert reference["pesq"] > 2.0 and reference["estoi"] > 0.85
+    for key, score in scores.items():
+        assert abs(score["pesq"] - reference["pesq"]) < 0.3 and abs(score["estoi"] - reference["estoi"]) < 0.03, key
+
+
 def test_the_readme_example_runs(tmp_path: Path) -> None:
     block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S).group(1)
     script = block.replace('"examples/', f'"{EXAMPLES}/')

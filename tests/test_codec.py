@@ -23,7 +23,7 @@ from models.codec import Codec
 from models.griffin_lim import MelGriffinLim
 from models.log_mel import LogMel
 from models.mdct import MDCT, bin_correlation
-from utils import UserError, load_audio, load_config, seed_everything
+from utils import UserError, load_audio, load_config, seed_everything, stft
 
 
 def _codec(config_path: Path | None, seed: int = 0) -> Codec:
@@ -270,6 +270,36 @@ def test_griffin_lim_recovers_intelligible_speech_from_an_exact_log_mel(speech: 
     assert stoi(speech, first[0].numpy(), 16000, extended=True) > 0.9
 
 
+def test_griffin_lim_from_the_integrated_phase_needs_few_iterations(speech: np.ndarray) -> None:
+    """The iteration starts from the phase the log-magnitude's gradient implies: after a few iterations it is
+    nearer a consistent spectrogram (the STFT of its own output matches the target magnitude better) than after
+    the same iterations from zero phase, and a shorter FFT reads the same inverse filterbank."""
+    from models.griffin_lim import integrated_phase
+
+    class ZeroStart(MelGriffinLim):
+        def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(magnitude, dtype=torch.complex64)
+
+    mel = load_config(DEMO_CODEC_CONFIG)["codec"]["mel"]
+    log_mel = LogMel(16000, **mel)
+    wav = torch.from_numpy(speech)[None]
+    target = log_mel(wav)
+
+    def inconsistency(kind: type, iterations: int, n_fft: int = 512) -> float:
+        vocoder = kind(log_mel.filters, mel["hop_length"], mel["win_length"], n_fft, iterations, 0.99)
+        rebuilt = stft(vocoder(target), n_fft, mel["hop_length"], mel["win_length"]).abs()
+        aim = vocoder.magnitude(target)[..., : rebuilt.shape[-1]]
+        return float((rebuilt - aim).norm() / aim.norm())
+
+    for iterations in (0, 4):
+        assert inconsistency(MelGriffinLim, iterations) < 0.8 * inconsistency(ZeroStart, iterations)
+    assert inconsistency(MelGriffinLim, 4, n_fft=320) < 0.8 * inconsistency(ZeroStart, 4, n_fft=320)
+    dense = torch.linalg.pinv(log_mel.filters.double()).float()
+    assert torch.allclose(MelGriffinLim.inverse_filterbank(log_mel.filters, 512), dense[::2])
+    phase = integrated_phase(torch.rand(1, 257, 30), 512, 40, 320)
+    assert phase.shape == (1, 257, 30) and torch.allclose(phase.abs(), torch.ones(1, 257, 30))
+
+
 # ---------------------------------------------------------------------------------------------------- config
 def test_a_config_can_build_on_another(tmp_path: Path) -> None:
     """A "base" config is laid under a config; a missing base is refused by name."""
@@ -397,3 +427,26 @@ def test_an_enhancer_names_its_codec_and_refuses_one_that_is_missing_or_gives_ot
     (moved / "codec.pt").unlink()
     with pytest.raises(UserError, match="codec.pt is missing"):
         checkpoint.load_enhancer(moved / "enhancer.pt")
+
+
+def test_a_codec_setting_that_keeps_its_tokens_can_be_changed_without_retraining(tmp_path: Path, speech: np.ndarray,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    """`checkpoint.py export --set griffin_lim.iterations=N` retunes the shipped codec's vocoder: same tokens (an
+    enhancer naming the codec still accepts it), new setting in effect; a tokenizer setting, an unknown key or a
+    value that no longer fits the weights is one line and writes nothing."""
+    shipped = REPO / "pretrained" / "demo_codec.pt"
+    out = tmp_path / "codec.pt"
+    assert checkpoint.main(["export", str(shipped), str(out), "--set", "griffin_lim.iterations=3"]) == 0
+    before, after = checkpoint.load_codec(shipped), checkpoint.load_codec(out)
+    assert after.griffin_lim.iterations == 3 != before.griffin_lim.iterations
+    assert checkpoint.tokenizer_digest(checkpoint.load(out)) == checkpoint.tokenizer_digest(checkpoint.load(shipped))
+    wav = torch.from_numpy(speech)[None]
+    with torch.inference_mode():
+        assert torch.equal(after.encode(wav), before.encode(wav))
+    capsys.readouterr()
+    for setting, words in (("quantizer.num_groups=8", "decides the codec's tokens"), ("griffin_lim.iterationz=3",
+                           "no setting 'iterationz'"), ("decoder.dim=64", "does not match weights"),
+                           ("griffin_lim.iterations", "KEY=VALUE")):
+        assert checkpoint.main(["export", str(shipped), str(tmp_path / "refused.pt"), "--set", setting]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "refused.pt").exists()

@@ -484,3 +484,46 @@ def test_one_file_as_input_and_reruns_that_would_mix_settings(tmp_path: Path, sp
     error = capfd.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "decoding argmax → expected" in error[0] and "--overwrite" in error[0], error
     assert inference.main(argv + ["--decoding", "expected", "--overwrite"]) == 0
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_compute(tmp_path: Path, speech: np.ndarray,
+                                                                         tiny_checkpoints: tuple[Path, Path]) -> None:
+    """An output folder that cannot be made (here: below a file) is one line, exit 2, before the model loads or a
+    score is computed; evaluate.py's --output likewise."""
+    enhancer, _ = tiny_checkpoints
+    save_audio(tmp_path / "in" / "a.wav", speech[:16000], 16000)
+    (tmp_path / "a_file").write_text("not a folder")
+    blocked = tmp_path / "a_file" / "out"
+    _assert_one_line_error(_cli("inference.py", "--input_dir", tmp_path / "in", "--output_dir", blocked,
+                                "--checkpoint", enhancer), "--output_dir", "cannot write", str(blocked))
+    _assert_one_line_error(_cli("evaluate.py", "--enhanced_dir", tmp_path / "in", "--clean_dir", tmp_path / "in",
+                                "--output", blocked / "scores.csv", "--no_dnsmos"), "--output", "cannot write")
+    _assert_one_line_error(_cli("evaluate.py", "--enhanced_dir", tmp_path / "in", "--clean_dir", tmp_path / "in",
+                                "--output", tmp_path / "in", "--no_dnsmos"), "is a folder")
+
+
+def test_a_file_that_cannot_be_written_is_named_and_the_rest_go_on(tmp_path: Path, speech: np.ndarray,
+                                                                   tiny_checkpoints: tuple[Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    """A write error mid-folder (libsndfile's own error, as a full disk gives) fails that file with one line naming
+    it; the other files are written, nothing partial is left, exit code 1."""
+    enhancer, _ = tiny_checkpoints
+    for name in ("a", "b", "c"):
+        save_audio(tmp_path / "in" / f"{name}.wav", speech[:16000], 16000)
+    real_write = sf.write
+
+    def full_disk_for_b(file: str, *args: object, **kwargs: object) -> None:
+        if Path(file).name.startswith(".b.wav."):
+            raise sf.LibsndfileError(0, prefix="Error writing: ")
+        real_write(file, *args, **kwargs)
+
+    monkeypatch.setattr(sf, "write", full_disk_for_b)
+    argv = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"), "--checkpoint", str(enhancer),
+            "--device", "cpu"]
+    assert inference.main(argv) == 1
+    out = capfd.readouterr().out
+    failures = [line for line in out.splitlines() if line.startswith("failed")]
+    assert len(failures) == 1 and "b.wav" in failures[0] and "cannot write" in failures[0], out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".paragse")) == ["a.wav",
+                                                                                                           "c.wav"]

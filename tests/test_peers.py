@@ -1,0 +1,104 @@
+"""The free enhancers the project is compared with (peers.py), the comparison script, and the speed benchmark of a
+trained checkpoint beside them. The peers come from requirements-peers.txt, which `make test` installs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, REPO
+from utils import load_audio
+
+import peers
+
+SCRIPT = REPO / "scripts" / "compare_peers.py"
+
+
+def installed(name: str) -> bool:
+    try:
+        peers.load_peers([name])
+    except ImportError:
+        return False
+    return True
+
+
+def lag(output: np.ndarray, reference: np.ndarray, search: int) -> int:
+    """The shift (samples) of `output` against `reference` that correlates best within +-search."""
+    core = slice(search, reference.size - search)
+    scores = [float(np.dot(output[core], reference[search - s: reference.size - search - s]))
+              for s in range(-search, search + 1)]
+    return int(np.argmax(scores)) - search
+
+
+@pytest.mark.parametrize("name", list(peers.PEERS))
+def test_a_peer_returns_audio_aligned_with_its_input(name: str) -> None:
+    """Intrusive metrics compare samples: a peer's output keeps the input's length and has no delay left."""
+    if not installed(name):
+        pytest.skip(f"{peers.PEERS[name].package} is not installed (pip install -r requirements-peers.txt)")
+    clean_files = sorted((EXAMPLES / "clean").glob("*.wav"))
+    clean = load_audio(clean_files[0], 16000)[0]
+    noisy = load_audio(EXAMPLES / "degraded" / "noise" / clean_files[0].name, 16000)[0]
+    enhanced = peers.load_peers([name])[name](noisy)
+    assert enhanced.shape == noisy.shape and enhanced.dtype == np.float32 and np.all(np.isfinite(enhanced))
+    assert abs(lag(enhanced, clean, search=640)) <= 16, "more than 1 ms of delay left"
+
+
+def test_an_unknown_or_missing_peer_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown peer 'deepfilter'"):
+        peers.load_peers(["deepfilter"])
+
+
+@pytest.mark.skipif(not installed("noisereduce"), reason="noisereduce is not installed")
+def test_compare_peers_scores_the_model_beside_a_peer_per_condition(tmp_path: Path) -> None:
+    out = tmp_path / "peers"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--test_dir", str(EXAMPLES), "--output_dir", str(out),
+                           "--files", "2", "--peers", "noisereduce", "--no_dnsmos", "--workers", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "peers.json").read_text())
+    systems = summary["systems"]
+    assert list(systems) == ["degraded input", "ParaGSE (this project)", "noisereduce"]
+    assert len(summary["files"]) == 2
+    for name, result in systems.items():
+        assert result["errors"] == 0
+        assert set(result["means"]) == {"noise", "reverb", "bandlimit", "clipping", "mixture", "all"}
+        assert result["means"]["all"]["n"] == 10 and 1.0 <= result["means"]["all"]["pesq"] <= 4.7
+        assert (result["rtf"] is None) == (name == "degraded input")
+    table = (out / "peers.md").read_text()
+    assert "| noisereduce |" in table and "noise: PESQ / ESTOI / OVRL" in table
+    # The enhanced files are kept, one per condition and file, beside the inputs they came from.
+    assert len(list((out / "noisereduce").rglob("*.wav"))) == 10
+
+
+def test_compare_peers_refuses_a_folder_without_conditions(tmp_path: Path) -> None:
+    (tmp_path / "clean").mkdir()
+    clip = sorted((EXAMPLES / "clean").glob("*.wav"))[0]
+    (tmp_path / "clean" / clip.name).write_bytes(clip.read_bytes())
+    done = subprocess.run([sys.executable, str(SCRIPT), "--test_dir", str(tmp_path), "--output_dir",
+                           str(tmp_path / "out"), "--peers", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no condition folder" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists(), "nothing written before the inputs are known to be usable"
+
+
+def test_benchmark_times_a_trained_checkpoint_stage_by_stage(tmp_path: Path) -> None:
+    """benchmark.py --checkpoint: the shipped model's stages, the vocoder on its own, and the peers beside it."""
+    report = tmp_path / "speed.json"
+    command = [sys.executable, str(REPO / "benchmark.py"), "--checkpoint", "--seconds", "2", "--repeats", "1",
+               "--threads", "1", "--json", str(report)]
+    with_peers = all(installed(name) for name in peers.PEERS)
+    done = subprocess.run(command + (["--peers"] if with_peers else []), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(report.read_text())
+    stages = result["checkpoint"]["stages"]
+    assert set(stages) == {"encoder", "condition", "token_branches", "decoder", "vocoder", "total"}
+    assert all(value > 0 for value in stages.values()) and result["checkpoint"]["rtf"] == stages["total"]
+    assert result["checkpoint"]["path"].endswith("demo_paragse.pt")
+    if with_peers:
+        assert set(result["peers"]) == {"NSNet2", "RNNoise", "noisereduce"}
+        assert all(value > 0 for value in result["peers"].values())
+    assert "| vocoder |" in done.stdout
