@@ -16,6 +16,7 @@ import torch
 import checkpoint
 import evaluate
 import inference
+from metrics import OPTIONAL_METRICS
 from utils import REPO_ROOT, UserError, atomic_write
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -30,7 +31,10 @@ def enhance(checkpoint: Path, input_dir: Path, output_dir: Path, codec_only: boo
 
 
 def score(enhanced: Path, clean: Path, degraded: Path | None, dnsmos: bool) -> list[dict]:
-    rows = evaluate.evaluate_dirs(enhanced, clean, degraded, manifest=None, dnsmos=dnsmos, progress=True)
+    """Every metric, the opt-in ones of generative enhancement included (speaker similarity, ViSQOL, and the word
+    error rate against examples/transcripts.csv)."""
+    rows = evaluate.evaluate_dirs(enhanced, clean, degraded, manifest=None, dnsmos=dnsmos, progress=True,
+                                  extra=OPTIONAL_METRICS, transcripts=EXAMPLES / "transcripts.csv")
     failed = [r for r in rows if r.get("error")]
     for row in failed:
         print(f"cannot score {row['file']}: {row['error']}")
@@ -48,6 +52,8 @@ def report(rows_enhanced: list[dict], rows_codec: list[dict], checkpoint: Path, 
         f"Model: `{checkpoint.relative_to(REPO_ROOT) if checkpoint.is_relative_to(REPO_ROOT) else checkpoint}` "
         f"(see MODEL_CARD.md for what it was trained on and for how long), tokens decoded {how}.",
         "Input: the held-out clips of `examples/` (never used in training), one folder per distortion.",
+        "SpkSim: speaker similarity to the clean clip (resemblyzer, 1 = same voice); ViSQOL: MOS-LQO (speech mode);",
+        "WER: word error rate of pocketsphinx's transcription against the prompt's text (0 = every word right).",
         "",
         "## Degraded input → enhanced output, per distortion",
         "",

@@ -2,12 +2,16 @@
 
     python evaluate.py --enhanced_dir E --clean_dir C [--degraded_dir D] [--manifest M.csv]
                        [--output results.csv] [--workers N] [--figures N] [--figures_dir figures/]
-                       [--no_dnsmos] [--debug]
+                       [--no_dnsmos] [--metrics spk_sim,visqol,wer --transcripts T.csv] [--debug]
 
 Files are paired by relative path (E/x/y.wav with C/x/y.wav). When E (and D) hold one sub-folder per
 condition but C is flat, E/<condition>/<name>.wav is paired with C/<name>.wav. A counterpart with another
 audio extension (E/a.wav with C/a.flac) is accepted. The condition of a file comes from --manifest
 (CSV with columns file,condition; `file` relative to E or to C), else from its first folder, else "all".
+
+--metrics adds the opt-in metrics of generative enhancement (metrics.py): speaker similarity `spk_sim`, ViSQOL
+`visqol` and word error rate `wer`, the last for the clean files that --transcripts (CSV with columns file,text;
+`file` relative to C) gives a transcript for.
 
 Writes one CSV row per file (failed files included, with their reason in the `error` column), prints a
 markdown table of means per condition and names every file that could not be scored. Exit code 0 when
@@ -30,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metrics import (DEGRADED_PREFIX, LENGTH_TOLERANCE, METRICS, POWER_FLOOR, SAMPLE_RATE, Job, power_spectrogram,
-                     score_jobs)
+from metrics import (DEGRADED_PREFIX, LENGTH_TOLERANCE, METRICS, OPTIONAL_METRICS, POWER_FLOOR, SAMPLE_RATE, Job,
+                     power_spectrogram, score_jobs)
 from utils import (AUDIO_EXTENSIONS, UserError, atomic_write, find_audio_files, load_audio, require_writable,
                    run_command)
 
@@ -62,6 +66,29 @@ def _manifest_key(path: str | Path) -> str:
     return Path(path).with_suffix("").as_posix()
 
 
+def read_transcripts(path: str | Path) -> dict[str, str]:
+    """{clean path relative to the clean folder, without extension: what it says} from a CSV (columns file, text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"transcripts not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"file", "text"} <= set(reader.fieldnames or []):
+            columns = ", ".join(reader.fieldnames or [])
+            raise UserError(f"transcripts {path} need columns 'file' and 'text' (has {columns})")
+        return {_manifest_key(r["file"].strip()): r["text"].strip() for r in reader
+                if (r.get("file") or "").strip()}
+
+
+def parse_metrics(text: str | None) -> tuple[str, ...]:
+    """--metrics 'spk_sim,wer' -> ('spk_sim', 'wer'); an unknown name is a UserError listing the known ones."""
+    names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
+    unknown = [n for n in names if n not in OPTIONAL_METRICS]
+    if unknown:
+        raise UserError(f"--metrics: unknown metric {unknown[0]!r} (choose from {', '.join(OPTIONAL_METRICS)})")
+    return names
+
+
 def read_manifest(path: str | Path) -> dict[str, str]:
     """{relative path without extension: condition} from a CSV with at least columns file and condition."""
     path = Path(path)
@@ -89,6 +116,7 @@ def build_jobs(
     clean_dir: str | Path,
     degraded_dir: str | Path | None = None,
     manifest: Mapping[str, str] | None = None,
+    transcripts: Mapping[str, str] | None = None,
 ) -> tuple[list[Job], int]:
     """Pair every audio file under enhanced_dir with its clean (and degraded) counterpart.
 
@@ -125,7 +153,11 @@ def build_jobs(
             error = f"no clean counterpart in {clean_root}"
         elif degraded_root is not None and degraded is None:
             error = f"no degraded counterpart in {degraded_root}"
-        jobs.append(Job(rel.as_posix(), condition, enhanced_root / rel, clean, degraded, degraded_root is not None, error))
+        transcript = None
+        if transcripts is not None and clean is not None:
+            transcript = transcripts.get(_manifest_key(clean.relative_to(clean_root)))
+        jobs.append(Job(rel.as_posix(), condition, enhanced_root / rel, clean, degraded, degraded_root is not None, error,
+                        transcript))
 
     if all(job.clean is None for job in jobs):
         raise UserError(
@@ -152,16 +184,21 @@ def evaluate_dirs(
     dnsmos: bool = True,
     progress: bool = True,
     debug: bool = False,
+    extra: Sequence[str] = (),
+    transcripts: str | Path | Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Score every enhanced file; rows sorted by file, failed ones with a non-empty "error".
 
-    `manifest` is a CSV path or an already-read {relative path: condition} mapping. `workers` processes
-    (default: CPU count) each load DNSMOS once; with one worker everything runs in this process.
+    `manifest` is a CSV path or an already-read {relative path: condition} mapping; `transcripts` likewise
+    ({clean relative path: text}, for the "wer" of `extra`, the opt-in metrics). `workers` processes (default: CPU
+    count) each load DNSMOS (and the opt-in models) once; with one worker everything runs in this process.
     """
     if isinstance(manifest, (str, Path)):
         manifest = read_manifest(manifest)
-    jobs, _ = build_jobs(enhanced_dir, clean_dir, degraded_dir, manifest)
-    return score_jobs(jobs, workers=workers, dnsmos=dnsmos, progress=progress, debug=debug)
+    if isinstance(transcripts, (str, Path)):
+        transcripts = read_transcripts(transcripts)
+    jobs, _ = build_jobs(enhanced_dir, clean_dir, degraded_dir, manifest, transcripts)
+    return score_jobs(jobs, workers=workers, dnsmos=dnsmos, progress=progress, debug=debug, extra=extra)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -352,6 +389,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figures", type=int, default=0, help="write this many spectrogram comparison PNGs")
     parser.add_argument("--figures_dir", default="figures", help="folder for --figures (default: figures/)")
     parser.add_argument("--no_dnsmos", action="store_true", help="skip DNSMOS (the slowest metric)")
+    parser.add_argument("--metrics", help=f"opt-in metrics, comma-separated: {', '.join(OPTIONAL_METRICS)}")
+    parser.add_argument("--transcripts", help="CSV with columns file,text (file relative to --clean_dir) for wer")
     parser.add_argument("--allow_incomplete", action="store_true",
                         help="exit 0 although clean files have no enhanced file or lengths differ by more than 1%%")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -370,12 +409,18 @@ def run(args: argparse.Namespace) -> int:
     require_writable(output.parent, "--output")  # before the scoring, which is the slow part
     if args.figures:
         require_writable(args.figures_dir, "--figures_dir")
+    extra = parse_metrics(args.metrics)
+    if "wer" in extra and not args.transcripts:
+        raise UserError("--metrics wer needs --transcripts (CSV with columns file,text)")
+    transcripts = read_transcripts(args.transcripts) if args.transcripts else None
     manifest = read_manifest(args.manifest) if args.manifest else None
-    jobs, not_in_manifest = build_jobs(args.enhanced_dir, args.clean_dir, args.degraded_dir, manifest)
+    jobs, not_in_manifest = build_jobs(args.enhanced_dir, args.clean_dir, args.degraded_dir, manifest, transcripts)
     if not_in_manifest:
         print(f"note: files not in the manifest: {not_in_manifest} (condition taken from their folder)",
               file=sys.stderr)
-    rows = score_jobs(jobs, workers=args.workers, dnsmos=not args.no_dnsmos, debug=args.debug)
+    if "wer" in extra and not any(job.transcript for job in jobs):
+        raise UserError(f"--transcripts {args.transcripts}: no clean file of {args.clean_dir} has a transcript there")
+    rows = score_jobs(jobs, workers=args.workers, dnsmos=not args.no_dnsmos, debug=args.debug, extra=extra)
     try:
         write_csv(rows, output)
     except OSError as e:  # e.g. the disk filled up while scoring: the table below still shows every mean

@@ -4,13 +4,22 @@ score_pair scores one enhanced (or degraded) signal against its clean reference;
 pairs (Job) in worker processes that each load DNSMOS once. Folder pairing, the per-file CSV, the per-condition
 table, the figures and the command line are in evaluate.py.
 
+Opt-in metrics for generative enhancement, each with its model inside its wheel: speaker similarity (`spk_sim`,
+cosine of resemblyzer speaker embeddings of the output and the clean reference: is it still the same voice?),
+ViSQOL v3 in speech mode (`visqol`, MOS-LQO, the codec community's intrusive quality score) and word error rate
+(`wer`, pocketsphinx's English recogniser on the output against the transcript of the clean file: is it still
+the same words? Only for files with a transcript).
+
 Importable: score_pair, score_jobs, score_job, Job, MetricError, si_sdr, log_spectral_distance,
-power_spectrogram, dnsmos_scores, METRICS.
+power_spectrogram, dnsmos_scores, speaker_similarity, visqol_score, word_error_rate, normalise_words, METRICS,
+OPTIONAL_METRICS.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -49,7 +58,12 @@ METRICS: dict[str, tuple[str, int]] = {
     "dnsmos_sig": ("SIG", 2),
     "dnsmos_bak": ("BAK", 2),
     "dnsmos_ovrl": ("OVRL", 2),
+    "spk_sim": ("SpkSim", 3),
+    "visqol": ("ViSQOL", 2),
+    "wer": ("WER", 3),
 }
+# Opt-in (evaluate.py --metrics): what a generative enhancer can get wrong while sounding clean.
+OPTIONAL_METRICS = ("spk_sim", "visqol", "wer")
 DEGRADED_PREFIX = "degraded_"
 
 
@@ -196,6 +210,81 @@ def dnsmos_scores(audio: np.ndarray) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------- who and what is said (opt-in)
+_MODELS: dict[str, object] = {}  # this process's speaker encoder, ViSQOL and recogniser, each loaded on first use
+
+
+def _model(name: str) -> object:
+    if name not in _MODELS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # resemblyzer's webrtcvad warns about pkg_resources on import
+            if name == "spk_sim":
+                from resemblyzer import VoiceEncoder
+                _MODELS[name] = VoiceEncoder("cpu", verbose=False)
+            elif name == "visqol":
+                from visqol import VisqolApi
+                api = VisqolApi()
+                # The polynomial MOS mapping of ViSQOL's speech mode; the lattice mapper would need a TFLite runtime.
+                api.create(mode="speech", use_lattice_model=False)
+                _MODELS[name] = api
+            else:
+                from pocketsphinx import Decoder
+                _MODELS[name] = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+    return _MODELS[name]
+
+
+def speaker_similarity(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Cosine similarity (up to 1) of the speaker embeddings of two 16 kHz signals."""
+    encoder = _model("spk_sim")  # first: it imports resemblyzer with its import-time warning silenced
+    from resemblyzer import preprocess_wav
+
+    embeddings = []
+    for audio in (estimate, reference):
+        speech = preprocess_wav(np.asarray(audio, dtype=np.float32), source_sr=SAMPLE_RATE)  # pauses trimmed
+        if speech.size < SAMPLE_RATE // 4:
+            raise MetricError("too little speech for a speaker embedding (under 0.25 s after trimming pauses)")
+        embeddings.append(encoder.embed_utterance(speech))
+    return float(np.dot(*embeddings))  # the embeddings have unit length
+
+
+def visqol_score(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """ViSQOL v3 speech-mode MOS-LQO (1..5) of a 16 kHz signal against its reference."""
+    result = _model("visqol").measure_from_arrays(np.asarray(reference, dtype=np.float64),
+                                                  np.asarray(estimate, dtype=np.float64), SAMPLE_RATE)
+    return float(result.moslqo)
+
+
+_SPOKEN = {"*": " star ", "#": " pound ", "&": " and ", "%": " percent "} | {
+    str(d): f" {w} " for d, w in enumerate("zero one two three four five six seven eight nine".split())}
+
+
+def normalise_words(text: str) -> str:
+    """Lower-case words without punctuation, symbols and single digits spelt out, bracketed notes dropped."""
+    text = re.sub(r"\[[^\]]*\]", " ", text.lower())
+    text = "".join(_SPOKEN.get(c, c) for c in text)
+    return " ".join(re.sub(r"[^a-z' ]+", " ", text).split())
+
+
+def recognise(audio: np.ndarray) -> str:
+    decoder = _model("wer")
+    pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767).astype(np.int16)
+    decoder.start_utt()
+    decoder.process_raw(pcm.tobytes(), full_utt=True)
+    decoder.end_utt()
+    hypothesis = decoder.hyp()
+    return normalise_words(hypothesis.hypstr if hypothesis is not None else "")
+
+
+def word_error_rate(estimate: np.ndarray, transcript: str) -> float:
+    """Word error rate of pocketsphinx's transcription of a 16 kHz signal against `transcript` (0 is perfect)."""
+    import jiwer
+
+    reference = normalise_words(transcript)
+    if not reference:
+        raise MetricError("the transcript has no words")
+    return float(jiwer.wer(reference, recognise(estimate) or "<silence>"))
+
+
 # ---------------------------------------------------------------------------------------------- one pair
 def _mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     x = np.asarray(audio, dtype=np.float32)
@@ -228,13 +317,16 @@ def score_pair(
     sample_rate: int = SAMPLE_RATE,
     dnsmos: bool = True,
     notes: list[str] | None = None,
+    extra: Sequence[str] = (),
+    transcript: str | None = None,
 ) -> dict[str, float]:
     """All metrics of one enhanced (or degraded) signal against its clean reference.
 
     Signals are mono float arrays at `sample_rate` (resampled to 16 kHz if needed) and are trimmed to the
     shorter of the two (a note is appended to `notes` when they differ by more than 1%). Returns
     {"pesq", "stoi", "estoi", "si_sdr", "lsd"} plus {"dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"} when
-    `dnsmos`. Raises MetricError with a one-line reason for a pair that cannot be scored.
+    `dnsmos`, plus the OPTIONAL_METRICS named in `extra` ("wer" only with a `transcript`). Raises MetricError
+    with a one-line reason for a pair that cannot be scored.
     """
     estimate, reference = _trim_to_shorter(_mono_16k(enhanced, sample_rate), _mono_16k(clean, sample_rate), notes)
     seconds = len(reference) / SAMPLE_RATE
@@ -254,6 +346,15 @@ def score_pair(
     }
     if dnsmos:
         scores.update(dnsmos_scores(estimate))
+    unknown = set(extra) - set(OPTIONAL_METRICS)
+    if unknown:
+        raise UserError(f"unknown metric {sorted(unknown)[0]!r} (optional metrics: {', '.join(OPTIONAL_METRICS)})")
+    if "spk_sim" in extra:
+        scores["spk_sim"] = speaker_similarity(estimate, reference)
+    if "visqol" in extra:
+        scores["visqol"] = visqol_score(estimate, reference)
+    if "wer" in extra and transcript is not None:
+        scores["wer"] = word_error_rate(estimate, transcript)
     bad = [name for name, value in scores.items() if not math.isfinite(value)]
     if bad:
         raise MetricError(f"{', '.join(bad)} not finite")
@@ -272,6 +373,7 @@ class Job:
     degraded: Path | None
     want_degraded: bool
     error: str = ""
+    transcript: str | None = None  # what the clean file says (for "wer")
 
 
 # ------------------------------------------------------------------------------------------- scoring jobs
@@ -285,7 +387,7 @@ def _load(path: Path, role: str) -> tuple[np.ndarray, list[str]]:
     return audio, [f"{role}: {note}" for note in notes]
 
 
-def score_job(job: Job, dnsmos: bool = True, debug: bool = False) -> dict:
+def score_job(job: Job, dnsmos: bool = True, debug: bool = False, extra: Sequence[str] = ()) -> dict:
     """CSV row of one job: file, condition, metrics (degraded ones prefixed), notes, error.
 
     Never raises for a bad file: the reason goes into row["error"] so one file cannot stop a long run.
@@ -300,14 +402,15 @@ def score_job(job: Job, dnsmos: bool = True, debug: bool = False) -> dict:
         notes += more
         clean, more = _load(job.clean, "clean")
         notes += more
-        row.update(score_pair(enhanced, clean, dnsmos=dnsmos, notes=notes))
+        row.update(score_pair(enhanced, clean, dnsmos=dnsmos, notes=notes, extra=extra, transcript=job.transcript))
         if job.want_degraded:
             assert job.degraded is not None
             degraded, more = _load(job.degraded, "degraded")
             notes += more
             degraded_notes: list[str] = []
             try:
-                scores = score_pair(degraded, clean, dnsmos=dnsmos, notes=degraded_notes)
+                scores = score_pair(degraded, clean, dnsmos=dnsmos, notes=degraded_notes, extra=extra,
+                                    transcript=job.transcript)
             except MetricError as e:
                 raise MetricError(f"degraded input: {e}") from None
             notes += [f"degraded input: {note}" for note in degraded_notes]
@@ -326,16 +429,22 @@ def score_job(job: Job, dnsmos: bool = True, debug: bool = False) -> dict:
     return row
 
 
-def _init_worker(dnsmos: bool, threads: int) -> None:
-    """Worker start-up: set the ONNX thread share and load DNSMOS once, before the first file."""
+def _init_worker(dnsmos: bool, threads: int, extra: Sequence[str] = ()) -> None:
+    """Worker start-up: set the ONNX / torch thread share and load DNSMOS (and the opt-in models) once, before
+    the first file."""
     global _DNSMOS_THREADS
     _DNSMOS_THREADS = threads
+    import torch  # the speaker encoder runs in torch: one worker per core, one thread each
+    torch.set_num_threads(threads)
     if dnsmos:
         dnsmos_model()
+    for name in extra:
+        _model(name)
 
 
 def score_jobs(
-    jobs: Sequence[Job], workers: int | None = None, dnsmos: bool = True, progress: bool = True, debug: bool = False
+    jobs: Sequence[Job], workers: int | None = None, dnsmos: bool = True, progress: bool = True, debug: bool = False,
+    extra: Sequence[str] = (),
 ) -> list[dict]:
     """Run score_job over `jobs` in worker processes with a progress bar; rows in the order of `jobs`."""
     if dnsmos:
@@ -347,12 +456,16 @@ def score_jobs(
     try:
         if workers == 1:
             for job in jobs:
-                rows[job.file] = score_job(job, dnsmos, debug)
+                rows[job.file] = score_job(job, dnsmos, debug, extra)
                 bar.update()
         else:
             threads = max(1, cpus // workers)
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dnsmos, threads)) as pool:
-                futures = {pool.submit(score_job, job, dnsmos, debug): job for job in jobs}
+            init = (dnsmos, threads, tuple(extra))
+            # Workers come from a fork server, not from a fork of this process: a process that has run OpenMP
+            # code (torch, numba) cannot safely fork (GNU OpenMP aborts the child).
+            context = multiprocessing.get_context("forkserver")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
+                futures = {pool.submit(score_job, job, dnsmos, debug, tuple(extra)): job for job in jobs}
                 try:
                     for future in as_completed(futures):
                         rows[futures[future].file] = future.result()

@@ -114,6 +114,43 @@ def asterisk_speech(root: Path) -> list[tuple[Path, str, str, Path]]:
     return [(p, "asterisk", "en_US_f_Allison", relative_wav(p.relative_to(root))) for p in files]
 
 
+def asterisk_transcripts(path: Path) -> dict[str, str]:
+    """{prompt name ('dictate/pause'): what Allison says} from the prompt list of asterisk-core-sounds-en, without
+    the entries that only describe a sound ('[this is a simple beep tone]')."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    transcripts = {}
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            name, sep, text = line.partition(":")
+            text = re.sub(r"\[[^\]]*\]", "", text).strip()
+            if sep and not name.startswith(";") and re.search(r"[A-Za-z0-9]", text):
+                transcripts[name.strip()] = text
+    return transcripts
+
+
+def write_transcripts(output_dir: Path, kept: list["Result"], corpus_cfg: dict) -> int:
+    """<split>_transcripts.csv (file relative to the split folder, text) for the Allison prompts of each split, for
+    evaluate.py --metrics wer; returns how many files have one."""
+    source = Path(corpus_cfg["asterisk_transcripts"])
+    if not source.is_file():
+        log.warning("no transcripts: %s is missing (scripts/make_corpus.sh installs asterisk-core-sounds-en)", source)
+        return 0
+    texts, count = asterisk_transcripts(source), 0
+    for split in SPLITS:
+        rows = []
+        for r in kept:
+            if r.job.kind == "speech" and r.job.split == split and r.job.source == "asterisk":
+                prompt = Path(r.job.src).relative_to(corpus_cfg["asterisk_dir"]).with_suffix("").as_posix()
+                if prompt in texts:
+                    rows.append([Path(r.job.dst).relative_to(split).as_posix(), texts[prompt]])
+        if rows:
+            write_csv(output_dir / f"{split}_transcripts.csv", ("file", "text"), sorted(rows))
+            count += len(rows)
+    return count
+
+
 def _tuxpaint_stem(path: Path) -> str:
     name = path.name
     while name.lower().endswith(".ogg"):
@@ -350,4 +387,6 @@ def cmd_corpus(args: argparse.Namespace, config: dict) -> None:
               [[r.job.dst, r.job.split, r.job.source, r.job.group, f"{r.seconds:.3f}", r.job.src] for r in noise]
               + colored_rows)
     write_csv(output_dir / "rir" / "manifest.csv", ("file", "split", "parameters"), rir_rows)
+    transcribed = write_transcripts(output_dir, speech, corpus_cfg)
+    print(f"corpus: transcripts of {transcribed} files (evaluate.py --metrics wer --transcripts ...)")
     print(corpus_summary(kept, rir_rows, colored_rows, dropped, time.time() - started, output_dir))

@@ -62,8 +62,9 @@ def debian_copyright(package: str, installed: Path) -> tuple[str, str]:
     return found
 
 
-def _example_clean_clips(corpus_dir: Path, ex_cfg: dict) -> list[tuple[str, np.ndarray]]:
-    """The held-out Allison prompts that, trimmed of silence, last between min_seconds and max_seconds."""
+def _example_clean_clips(corpus_dir: Path, ex_cfg: dict) -> list[tuple[str, np.ndarray, str]]:
+    """(name, audio, corpus file relative to the test split) of the held-out Allison prompts that, trimmed of
+    silence, last between min_seconds and max_seconds."""
     rows = [r for r in read_csv(corpus_dir / "manifest.csv") if r["split"] == "test" and r["source"] == "asterisk"]
     if not rows:
         raise UserError(f"{corpus_dir}/manifest.csv has no asterisk (Allison) test speech: run scripts/make_corpus.sh")
@@ -74,7 +75,8 @@ def _example_clean_clips(corpus_dir: Path, ex_cfg: dict) -> list[tuple[str, np.n
         audio = trim_silence(load_audio(corpus_dir / row["file"], SAMPLE_RATE)[0],
                              ex_cfg["trim_below_peak_db"], ex_cfg["trim_margin_seconds"])
         if ex_cfg["min_seconds"] <= audio.size / SAMPLE_RATE <= ex_cfg["max_seconds"]:
-            clips.append(("allison_" + Path(row["file"]).stem.replace("-", "_"), audio))
+            clips.append(("allison_" + Path(row["file"]).stem.replace("-", "_"), audio,
+                          Path(row["file"]).relative_to("test").as_posix()))
     if len(clips) < ex_cfg["num_clips"]:
         raise UserError(f"only {len(clips)} Allison test prompts last {ex_cfg['min_seconds']}-{ex_cfg['max_seconds']} s"
                         f" after trimming; data.examples asks for {ex_cfg['num_clips']}")
@@ -140,7 +142,7 @@ def cmd_examples(args: argparse.Namespace, config: dict) -> None:
     """Short held-out clean clips and one degraded version per condition, small enough to commit."""
     ex_cfg, corpus_dir, output_dir = config["data"]["examples"], Path(args.corpus_dir), Path(args.output_dir)
     clips = _example_clean_clips(corpus_dir, ex_cfg)
-    total = sum(wav_bytes(a.size) for _, a in clips) * (len(CONDITIONS) + 1)
+    total = sum(wav_bytes(a.size) for _, a, _ in clips) * (len(CONDITIONS) + 1)
     if total > ex_cfg["max_total_bytes"]:
         raise UserError(f"examples would take {total} bytes, over data.examples.max_total_bytes "
                         f"{ex_cfg['max_total_bytes']}: lower num_clips or max_seconds")
@@ -148,7 +150,12 @@ def cmd_examples(args: argparse.Namespace, config: dict) -> None:
     noise_bank, credits = _example_noise_bank(corpus_dir)
     rir_bank = load_rir_bank(corpus_dir / "rir" / "test")
     rows, written, used = [], set(), {}
-    for name, clean in clips:
+    transcripts = {}
+    if (corpus_dir / "test_transcripts.csv").is_file():
+        transcripts = {r["file"]: r["text"] for r in read_csv(corpus_dir / "test_transcripts.csv")}
+    write_csv(output_dir / "transcripts.csv", ("file", "text"),
+              [[f"{name}.wav", transcripts[source]] for name, _, source in clips if source in transcripts])
+    for name, clean, _ in clips:
         path = output_dir / "clean" / f"{name}.wav"
         save_audio(path, clean, SAMPLE_RATE)
         rows.append([f"clean/{name}.wav", "clean", "{}"])

@@ -47,7 +47,8 @@ from utils import (AudioError, UserError, atomic_write, find_audio_files, load_a
                    require_writable, run_command, save_audio)
 
 SAMPLE_RATE = 16000
-TABLE_METRICS = ("pesq", "estoi", "dnsmos_ovrl")
+TABLE_METRICS = (("pesq", 2), ("estoi", 3), ("dnsmos_ovrl", 2))
+EXTRA_TABLE_METRICS = (("spk_sim", 3), ("visqol", 2), ("wer", 3))  # WER: lower is better
 DEGRADED = "degraded input"
 
 
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scoring processes")
     p.add_argument("--no_dnsmos", action="store_true", help="skip DNSMOS (the slowest metric)")
+    p.add_argument("--metrics", help="opt-in metrics as evaluate.py --metrics (spk_sim,visqol,wer): a second table")
+    p.add_argument("--transcripts", type=Path,
+                   help="CSV file,text relative to the test set's clean/ (for wer; default: <test_dir>/transcripts.csv "
+                        "if there is one)")
     args = p.parse_args(argv)
     if args.files < 0 or args.threads < 1 or args.workers < 1:
         p.error("--files must be 0 or more, --threads and --workers at least 1")
@@ -146,30 +151,41 @@ def file_stem(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def reusable(output_dir: Path, files: list[Path], name: str) -> dict | None:
-    """The result of `name` from an earlier run on exactly these files, if its scores are still there."""
+def reusable(output_dir: Path, files: list[Path], name: str, scoring: dict) -> dict | None:
+    """The result of `name` from an earlier run on exactly these files with the same metrics, if its scores are
+    still there."""
     try:
         earlier = json.loads((output_dir / "peers.json").read_text())
     except (OSError, ValueError):
         return None
     result = earlier.get("systems", {}).get(name)
-    if earlier.get("files") != [f.as_posix() for f in files] or not result or "means" not in result:
+    if (earlier.get("files") != [f.as_posix() for f in files] or earlier.get("scoring") != scoring or not result
+            or "means" not in result):
         return None
     return result if (output_dir / f"scores_{file_stem(name)}.csv").is_file() else None
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per system, PESQ / ESTOI / OVRL per condition and over all, and the RTF."""
+def table(results: dict[str, dict], columns: tuple[tuple[str, int], ...] = TABLE_METRICS) -> str:
+    """Markdown: one row per system, the `columns` metrics per condition and over all, and the RTF; the best
+    value of each column in bold (the lowest for WER)."""
     present = set().union(*(r["means"] for r in results.values()))
     conditions = [c for c in CONDITIONS if c in present] + ["all"]
-    header = ["system"] + [f"{c}: PESQ / ESTOI / OVRL" for c in conditions] + ["RTF"]
+    names = " / ".join(evaluate.METRICS[m][0] for m, _ in columns)
+    header = ["system"] + [f"{c}: {names}" for c in conditions] + ["RTF"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * len(conditions) + "---:|"]
-    best = {(c, m): max((r["means"].get(c, {}).get(m, -math.inf) for r in results.values()), default=None)
-            for c in conditions for m in TABLE_METRICS}
+
+    def finite(values: list[float]) -> list[float]:
+        return [v for v in values if math.isfinite(v)]
+
+    best = {}
+    for c in conditions:
+        for m, _ in columns:
+            values = finite([r["means"].get(c, {}).get(m, math.nan) for r in results.values()])
+            best[(c, m)] = (min(values) if m == "wer" else max(values)) if values else None
 
     def cell(values: dict, condition: str) -> str:
         parts = []
-        for metric, decimals in zip(TABLE_METRICS, (2, 3, 2)):
+        for metric, decimals in columns:
             value = values.get(metric, math.nan)
             text = "–" if not math.isfinite(value) else f"{value:.{decimals}f}"
             parts.append(f"**{text}**" if math.isfinite(value) and value == best[(condition, metric)] else text)
@@ -187,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
     clean_dir = require_dir(args.test_dir / "clean", "--test_dir clean/")
     conditions = condition_dirs(args.test_dir)
     files = select_files(clean_dir, conditions, args.files, args.min_seconds)
+    extra = evaluate.parse_metrics(args.metrics)
+    transcripts = args.transcripts or (args.test_dir / "transcripts.csv")
+    transcripts = evaluate.read_transcripts(transcripts) if transcripts.is_file() else None
+    if "wer" in extra and not transcripts:
+        raise UserError(f"--metrics wer needs transcripts: --transcripts, or {args.test_dir / 'transcripts.csv'}")
     for path in args.checkpoints.values():
         if not path.is_file():
             raise UserError(f"--checkpoint not found: {path}")
@@ -201,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(files)} clean recordings x {len(conditions)} conditions ({', '.join(conditions)}) from "
           f"{args.test_dir}; systems: {', '.join(systems)}; {args.threads} threads", flush=True)
 
+    scoring = {"dnsmos": not args.no_dnsmos, "metrics": list(extra), "transcripts": bool(transcripts)}
     results: dict[str, dict] = {}
     for name in [DEGRADED, *loaded_peers]:
-        earlier = None if args.rescore else reusable(args.output_dir, files, name)
+        earlier = None if args.rescore else reusable(args.output_dir, files, name, scoring)
         if earlier is not None:
             print(f"{name}: scores of the earlier run on these files reused", flush=True)
             results[name] = earlier
@@ -222,14 +244,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: RTF {result['rtf']:.4f} over {result['audio_seconds']:.0f} s", flush=True)
         print(f"scoring {name} ...", flush=True)
         rows = evaluate.evaluate_dirs(args.output_dir / name, reference, workers=args.workers,
-                                      dnsmos=not args.no_dnsmos, progress=False)
+                                      dnsmos=not args.no_dnsmos, progress=False, extra=extra,
+                                      transcripts=transcripts)
         evaluate.write_csv(rows, args.output_dir / f"scores_{file_stem(name)}.csv")
         result["means"] = evaluate.condition_means(rows)
         result["errors"] = sum(1 for r in rows if r.get("error"))
     text = (f"{len(files)} clean recordings of {args.test_dir} x {len(conditions)} conditions, {args.threads} "
             f"threads; the best value of each column in bold.\n\n{table(results)}\n")
+    if extra:
+        text += (f"\nSpkSim: speaker similarity to the clean file; ViSQOL: MOS-LQO; WER: word error rate against the "
+                 f"transcript (lower is better).\n\n{table(results, EXTRA_TABLE_METRICS)}\n")
     atomic_write(args.output_dir / "peers.md", text.encode())
     summary = {"test_dir": str(args.test_dir), "files": [f.as_posix() for f in files], "threads": args.threads,
+               "scoring": scoring,
                "checkpoints": {name: str(path) for name, path in args.checkpoints.items()}, "systems": results}
     atomic_write(args.output_dir / "peers.json", (json.dumps(summary, indent=2) + "\n").encode())
     print(text)

@@ -10,12 +10,18 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   asterisk-core-sounds-en-g722  # en_US_f_Allison prompts (held out: test split only)
+  asterisk-core-sounds-en       # the text of those prompts (core-sounds-en.txt.gz), for the word error rate
   ffmpeg                        # decodes the G.722 prompts
   tuxpaint-stamps-default       # read stamp descriptions in 12+ languages, and sound effects (noise)
   fillets-ng-data-cs            # Czech voice acting
   fillets-ng-data-nl            # Dutch voice acting
   lincity-ng-data               # city ambience (noise)
   sonic-pi-samples              # hiss and ambience (noise)
+  megaglest-data                # forest, rain, water and battle ambience of a strategy game (noise; voices excluded)
+  frozen-bubble-data            # game music (noise)
+  xmoto-data                    # game music (noise)
+  extremetuxracer-data          # game music and effects (noise)
+  alienblaster-data             # game effects (noise)
 )
 
 missing=()

@@ -19,7 +19,7 @@ from models import build_codec, build_enhancer
 from models.codec import Codec
 from models.conformer import GroupedBiLSTM, GroupedLinear
 from models.paragse import TokenBranches
-from utils import UserError, load_audio, load_config, save_audio, seed_everything
+from utils import UserError, load_audio, load_config, normalise_level, save_audio, seed_everything
 
 
 def _system(config_path: Path = TINY_CONFIG, seed: int = 0) -> tuple[Codec, torch.nn.Module]:
@@ -126,10 +126,13 @@ def _one_pair_config(tmp_path: Path, base: Path) -> tuple[Path, Path]:
 
 
 def _accuracy(path: Path, noisy_dir: Path, clean_dir: Path) -> tuple[float, float]:
-    """(token accuracy of the enhancer's prediction, of copying the degraded tokens) on the pair."""
-    model, codec, _ = checkpoint.load_enhancer(path)
+    """(token accuracy of the enhancer's prediction, of copying the degraded tokens) on the pair, both brought to
+    the model's input level as training and inference do."""
+    model, codec, defaults = checkpoint.load_enhancer(path)
     degraded = torch.from_numpy(load_audio(noisy_dir / "pair.wav", 16000)[0])[None]
     clean = torch.from_numpy(load_audio(clean_dir / "pair.wav", 16000)[0])[None]
+    degraded, gain = normalise_level(degraded, defaults["input_level_db"], 16000)
+    clean = (clean - clean.mean()) * gain
     with torch.inference_mode():
         degraded_tokens, clean_tokens = codec.encode(degraded), codec.encode(clean)
         predicted = model.predict(model.condition(codec.pad(degraded)), degraded_tokens).argmax(-1)
@@ -186,7 +189,8 @@ def test_expected_decoding_sharpens_into_argmax_decoding_and_needs_parallel_grou
     def enhance(**decoding: float | str) -> inference.Result:
         return inference.Enhancer(codec, model, torch.device("cpu"), 60, 1, **decoding).enhance(clip)
 
-    argmax, sharp, soft = enhance(), enhance(decoding="expected", temperature=1e-4), enhance(decoding="expected")
+    # 1e-7: even two logits 1e-4 apart (a near tie happens among thousands of frames x groups) give one-hot weights
+    argmax, sharp, soft = enhance(), enhance(decoding="expected", temperature=1e-7), enhance(decoding="expected")
     assert np.array_equal(sharp.tokens, argmax.tokens) and np.array_equal(soft.tokens, argmax.tokens)
     assert np.allclose(sharp.audio, argmax.audio, atol=1e-4)  # a near one-hot distribution is its arg-max
     assert not np.allclose(soft.audio, argmax.audio, atol=1e-3)

@@ -57,7 +57,7 @@ def test_compare_peers_scores_the_model_beside_a_peer_per_condition(tmp_path: Pa
     out = tmp_path / "peers"
     done = subprocess.run([sys.executable, str(SCRIPT), "--test_dir", str(EXAMPLES), "--output_dir", str(out),
                            "--files", "2", "--peers", "noisereduce", "--no_dnsmos", "--workers", "1",
-                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+                           "--threads", "1", "--metrics", "spk_sim"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "peers.json").read_text())
     systems = summary["systems"]
@@ -68,8 +68,9 @@ def test_compare_peers_scores_the_model_beside_a_peer_per_condition(tmp_path: Pa
         assert set(result["means"]) == {"noise", "reverb", "bandlimit", "clipping", "mixture", "all"}
         assert result["means"]["all"]["n"] == 10 and 1.0 <= result["means"]["all"]["pesq"] <= 4.7
         assert (result["rtf"] is None) == (name == "degraded input")
+        assert 0.0 < result["means"]["all"]["spk_sim"] <= 1.0
     table = (out / "peers.md").read_text()
-    assert "| noisereduce |" in table and "noise: PESQ / ESTOI / OVRL" in table
+    assert "| noisereduce |" in table and "noise: PESQ / ESTOI / OVRL" in table and "noise: SpkSim" in table
     # The enhanced files are kept, one per condition and file, beside the inputs they came from.
     assert len(list((out / "noisereduce").rglob("*.wav"))) == 10
 
