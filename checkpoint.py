@@ -160,7 +160,8 @@ def _cast(state: dict, half: bool) -> dict:
 def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> None:
     """Apply 'dotted.key=JSON value' to a codec payload's config, for a setting that leaves its tokens and weights
     as they are (such as griffin_lim.iterations): a tokenizer setting, an unknown key or one that no longer fits the
-    weights is refused in one line."""
+    weights is refused in one line. A key the file lacks may be added if the codec class takes it (a setting newer
+    than the file)."""
     key, sep, text = assignment.partition("=")
     try:
         value = json.loads(text)
@@ -176,10 +177,7 @@ def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> Non
         if not isinstance(section.get(part), dict):
             raise UserError(f"--set {key}: {source} has no config section {part!r}")
         section = section[part]
-    if path[-1] not in section:
-        raise UserError(f"--set {key}: {source} has no setting {path[-1]!r} there")
-    section[path[-1]] = value
-    codec_from_payload(payload, source)  # builds it and loads the weights: the value must fit both
+    section[path[-1]] = value  # export builds the codec once all are set: a key the class does not take is refused
 
 
 def export(source: Path, output: Path, half: bool = False, name_codec: Path | None = None,
@@ -195,6 +193,8 @@ def export(source: Path, output: Path, half: bool = False, name_codec: Path | No
         raise UserError(f"{source}: --set changes a codec checkpoint's settings; this is an {payload['kind']}")
     for assignment in settings:
         set_codec_setting(payload, assignment, source)
+    if settings:
+        codec_from_payload(payload, source)  # builds it and loads the weights: the new values must fit both
     out = {key: payload[key] for key in ("format", "kind", "config", "inference") if key in payload}
     out["model"] = _cast(payload["model"], half)
     training = payload.get("training", {})

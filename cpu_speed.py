@@ -122,3 +122,11 @@ def parallelize(predictor: nn.Module, threads: int | None = None) -> nn.Module:
         predictor.eval()
         predictor.token_branches = ConcurrentTokenBranches(branches, threads)
     return predictor
+
+
+def parallelize_vocoder(codec: nn.Module) -> nn.Module:
+    """Let a codec's Griffin-Lim run its chunks as concurrent single-threaded tasks (others: unchanged)."""
+    vocoder = getattr(codec, "griffin_lim", None)
+    if vocoder is not None and hasattr(vocoder, "run_tasks"):
+        vocoder.run_tasks = run_concurrently
+    return codec

@@ -103,6 +103,7 @@ class Enhancer:
         """Run independent work as concurrent single-threaded tasks on CPU (cpu_speed); outputs are unchanged."""
         if self.device.type == "cpu":
             self.run_tasks = cpu_speed.run_concurrently
+            cpu_speed.parallelize_vocoder(self.codec)
             if self.predictor is not None:
                 cpu_speed.parallelize(self.predictor)
         return self

@@ -138,9 +138,51 @@ def load_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, list[str
         if not os.access(path, os.R_OK):
             reason = "permission denied"
         raise AudioError(f"cannot decode audio ({reason})") from None
+    recovered = _samples_beyond_wav_header(path, audio.shape)
+    notes = []
+    if recovered is not None:
+        notes.append(f"the WAV header gives {audio.shape[0]} samples but the file holds {recovered.shape[0]}: read all")
+        audio = recovered
     if audio.shape[0] == 0:
         raise AudioError("empty file (0 samples)")
-    return prepare_audio(audio, file_rate, sample_rate, channel_axis=1)
+    audio, more = prepare_audio(audio, file_rate, sample_rate, channel_axis=1)
+    return audio, notes + more
+
+
+_PCM_DTYPES = {"PCM_16": "<i2", "PCM_32": "<i4", "FLOAT": "<f4", "DOUBLE": "<f8"}
+
+
+def _samples_beyond_wav_header(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """All the samples of a WAV file whose data chunk is its last and whose header under-states the chunk's size
+    (a recorder killed before it could write the final size), as float32 (samples, channels); None for every other
+    file. A reader that trusts the header would cut such a file silently."""
+    try:
+        info = sf.info(str(path))
+        if info.format != "WAV" or info.subtype not in _PCM_DTYPES:
+            return None
+        with open(path, "rb") as f:
+            header = f.read(12)
+            if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+                return None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                size = int.from_bytes(chunk[4:], "little")
+                if chunk[:4] == b"data":
+                    data = f.read()
+                    break
+                f.seek(size + (size & 1), os.SEEK_CUR)
+    except (OSError, RuntimeError):
+        return None
+    dtype = np.dtype(_PCM_DTYPES[info.subtype])
+    frame_bytes = dtype.itemsize * shape[1]
+    if size >= len(data) or len(data) // frame_bytes <= shape[0]:
+        return None  # the header is right (or over-states the size, which the reader already handles)
+    samples = np.frombuffer(data[: len(data) // frame_bytes * frame_bytes], dtype=dtype).reshape(-1, shape[1])
+    if dtype.kind == "i":
+        return (samples / float(2 ** (8 * dtype.itemsize - 1))).astype(np.float32)
+    return samples.astype(np.float32)
 
 
 def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int, target_rate: int,

@@ -16,6 +16,7 @@ measures the choice).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,16 @@ def integrated_phase(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_l
 
 
 class MelGriffinLim(nn.Module):
-    """Fast Griffin-Lim (Perraudin et al., 2013) from the integrated phase; deterministic (no random start)."""
+    """Fast Griffin-Lim (Perraudin et al., 2013) from the integrated phase; deterministic (no random start).
+
+    Long inputs iterate in chunks of `chunk_frames` frames that overlap by `overlap_frames` and are cross-faded:
+    Griffin-Lim is local (a frame is tied only to the frames its window overlaps), every chunk starts from the same
+    integrated phase, and a chunk's spectrogram stays in the CPU's cache through the iteration where a 10-s one does
+    not. `run_tasks` runs the chunks (in order here; cpu_speed runs them as concurrent single-threaded tasks).
+    """
 
     def __init__(self, mel_filters: torch.Tensor, hop_length: int, win_length: int, n_fft: int, iterations: int,
-                 momentum: float):
+                 momentum: float, chunk_frames: int, overlap_frames: int):
         """mel_filters (n_mels, mel_n_fft // 2 + 1): the filterbank that made the log-mel (`LogMel.filters`), so the
         two cannot drift apart."""
         super().__init__()
@@ -61,8 +68,14 @@ class MelGriffinLim(nn.Module):
             raise UserError(f"griffin_lim.n_fft ({n_fft}) must cover the window ({win_length})")
         if iterations < 0:
             raise UserError(f"griffin_lim.iterations must be 0 or more, not {iterations}")
+        if not 2 <= overlap_frames < chunk_frames / 2:
+            raise UserError(f"griffin_lim.overlap_frames ({overlap_frames}) must be at least 2 and below half of "
+                            f"chunk_frames ({chunk_frames})")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
         self.iterations, self.momentum = iterations, momentum
+        self.chunk_frames, self.overlap_frames = chunk_frames, overlap_frames
+        self.run_tasks: Callable[[list[Callable[[], torch.Tensor]]], list[torch.Tensor]] = \
+            lambda tasks: [task() for task in tasks]
         self.register_buffer("inverse_filters", self.inverse_filterbank(mel_filters, n_fft), persistent=False)
 
     @staticmethod
@@ -89,17 +102,45 @@ class MelGriffinLim(nn.Module):
         """Unit phasors (batch, bins, frames) the iteration starts from."""
         return integrated_phase(magnitude, self.n_fft, self.hop_length, self.win_length)
 
-    def forward(self, log_mel: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded."""
-        magnitude = self.magnitude(log_mel)
+    def iterate(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """Magnitude and starting phasors (batch, bins, frames) -> wav (batch, (frames - 1) * hop)."""
         full = (magnitude.shape[-1] - 1) * self.hop_length  # the length whose STFT has exactly these frames
         spec = (self.n_fft, self.hop_length, self.win_length)
-        phase = self.initial_phase(magnitude)
         previous = torch.zeros_like(phase)
         for _ in range(self.iterations):
             rebuilt = stft(istft(magnitude * phase, *spec, full), *spec)
             # lerp with weight 1 + momentum is rebuilt + momentum * (rebuilt - previous), in one pass; sgn is z / |z|
             phase = torch.lerp(previous, rebuilt, 1.0 + self.momentum).sgn_()
             previous = rebuilt
-        wav = istft(magnitude * phase, *spec, full)
+        return istft(magnitude * phase, *spec, full)
+
+    def chunks(self, frames: int) -> list[tuple[int, int]]:
+        """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames."""
+        step = self.chunk_frames - self.overlap_frames
+        count = max(1, round((frames - self.overlap_frames) / step))
+        bounds = [round(i * (frames - self.overlap_frames) / count) for i in range(count + 1)]
+        return [(bounds[i], min(frames, bounds[i + 1] + self.overlap_frames)) for i in range(count)]
+
+    def forward(self, log_mel: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded."""
+        magnitude = self.magnitude(log_mel)
+        phase = self.initial_phase(magnitude)
+        frames, hop = magnitude.shape[-1], self.hop_length
+        full = (frames - 1) * hop
+        spans = self.chunks(frames)
+        if len(spans) == 1:
+            wav = self.iterate(magnitude, phase)
+        else:
+            pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[..., a:b].contiguous(),
+                                                                   phase[..., a:b].contiguous()) for a, b in spans])
+            fade = (self.overlap_frames - 1) * hop  # a chunk of n frames gives (n - 1) * hop samples
+            ramp = torch.linspace(0, 1, fade + 2, device=magnitude.device)[1:-1]
+            wav = magnitude.new_zeros(magnitude.shape[0], full)
+            for (a, b), piece in zip(spans, pieces):
+                weight = torch.ones(piece.shape[-1], device=magnitude.device)
+                if a > 0:  # linear cross-fades that sum to one over each overlap
+                    weight[:fade] = ramp
+                if b < frames:
+                    weight[-fade:] = ramp.flip(0)
+                wav[:, a * hop: a * hop + piece.shape[-1]] += piece * weight
         return wav if length is None else F.pad(wav, (0, max(0, length - full)))[..., :length]

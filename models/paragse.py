@@ -25,8 +25,11 @@ class STFTFeatures(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         spec = stft(wav, self.n_fft, self.hop_length, self.win_length)
-        magnitude = torch.sqrt(spec.real**2 + spec.imag**2 + self.magnitude_eps)
-        return torch.cat([magnitude, torch.atan2(spec.imag, spec.real)], dim=1)
+        # Contiguous copies first: on CPU, atan2 of the strided real/imag views of a complex tensor runs about 10x
+        # slower (measured 110 ms against 11 ms for 10 s of audio); the values are the same.
+        real, imag = spec.real.contiguous(), spec.imag.contiguous()
+        magnitude = torch.sqrt(real**2 + imag**2 + self.magnitude_eps)
+        return torch.cat([magnitude, torch.atan2(imag, real)], dim=1)
 
 
 class DegradedBranch(nn.Module):

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     print("|---:|---:|---|---:|---:|" + ("---:|" if args.dnsmos else "") + "---:|")
     for n_fft, iterations, zero in map(parse_option, args.options):
         kind = ZeroPhaseGriffinLim if zero else MelGriffinLim
-        vocoder = kind(codec.log_mel.filters, gl.hop_length, gl.win_length, n_fft, iterations, gl.momentum)
+        vocoder = kind(codec.log_mel.filters, gl.hop_length, gl.win_length, n_fft, iterations, gl.momentum,
+                       gl.chunk_frames, gl.overlap_frames)
         compute, scores = 0.0, []
         with torch.inference_mode():
             for audio, decoded in items:

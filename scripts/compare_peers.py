@@ -39,10 +39,12 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import peers  # noqa: E402
 from degradations import CONDITIONS  # noqa: E402
 from inference import DEFAULT_ENHANCER, Enhancer  # noqa: E402
+from research.codec_copy_synthesis import append_curve_point  # noqa: E402
 from utils import (AudioError, UserError, atomic_write, find_audio_files, load_audio, require_dir,  # noqa: E402
                    require_writable, run_command, save_audio)
 
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="append", default=[],
                    help="[NAME=]PATH of an enhancer of this project, repeatable (default: the shipped demo model)")
     p.add_argument("--rescore", action="store_true", help="score the peers and the input again, not from a rerun")
+    p.add_argument("--log_csv", type=Path,
+                   help="also log each checkpoint's means over all conditions (keys test/pesq, test/estoi, "
+                        "test/dnsmos_ovrl) at its step and compute hours, for research/plot_learning_curve.py")
     p.add_argument("--peers", default=",".join(peers.PEERS), help="comma-separated peers (default: all)")
     p.add_argument("--files", type=int, default=0, help="clean recordings to take (default: all)")
     p.add_argument("--min_seconds", type=float, default=1.5, help="shortest clean recording taken")
@@ -140,6 +145,16 @@ def enhance_all(name: str, system, files: list[Path], conditions: dict[str, Path
         print(f"{name}: skipped {failure}", file=sys.stderr)
     return {"rtf": compute / audio_seconds if audio_seconds else math.nan, "audio_seconds": audio_seconds,
             "failed": len(failures)}
+
+
+def checkpoint_position(path: Path) -> tuple[int, float]:
+    """(step, compute hours) an enhancer checkpoint records: under "training", or "history" once exported."""
+    payload = checkpoint.load(path, "enhancer")
+    for section in ("training", "history"):
+        record = payload.get(section) or {}
+        if "step" in record and "compute_seconds" in record:
+            return int(record["step"]), float(record["compute_seconds"]) / 3600
+    raise UserError(f"{path}: --log_csv needs a checkpoint that records its step and compute seconds")
 
 
 def project_system(checkpoint: Path):
@@ -255,6 +270,10 @@ def run(args: argparse.Namespace) -> int:
         text += (f"\nSpkSim: speaker similarity to the clean file; ViSQOL: MOS-LQO; WER: word error rate against the "
                  f"transcript (lower is better).\n\n{table(results, EXTRA_TABLE_METRICS)}\n")
     atomic_write(args.output_dir / "peers.md", text.encode())
+    for name, path in args.checkpoints.items() if args.log_csv else ():
+        step, hours = checkpoint_position(path)
+        append_curve_point(args.log_csv, step, hours, [results[name]["means"]["all"]])
+        print(f"{name}: test means logged at step {step} ({hours:.2f} compute hours) to {args.log_csv}")
     summary = {"test_dir": str(args.test_dir), "files": [f.as_posix() for f in files], "threads": args.threads,
                "scoring": scoring,
                "checkpoints": {name: str(path) for name, path in args.checkpoints.items()}, "systems": results}

@@ -286,7 +286,7 @@ def test_griffin_lim_from_the_integrated_phase_needs_few_iterations(speech: np.n
     target = log_mel(wav)
 
     def inconsistency(kind: type, iterations: int, n_fft: int = 512) -> float:
-        vocoder = kind(log_mel.filters, mel["hop_length"], mel["win_length"], n_fft, iterations, 0.99)
+        vocoder = kind(log_mel.filters, mel["hop_length"], mel["win_length"], n_fft, iterations, 0.99, 10 ** 6, 32)
         rebuilt = stft(vocoder(target), n_fft, mel["hop_length"], mel["win_length"]).abs()
         aim = vocoder.magnitude(target)[..., : rebuilt.shape[-1]]
         return float((rebuilt - aim).norm() / aim.norm())
@@ -445,8 +445,38 @@ def test_a_codec_setting_that_keeps_its_tokens_can_be_changed_without_retraining
         assert torch.equal(after.encode(wav), before.encode(wav))
     capsys.readouterr()
     for setting, words in (("quantizer.num_groups=8", "decides the codec's tokens"), ("griffin_lim.iterationz=3",
-                           "no setting 'iterationz'"), ("decoder.dim=64", "does not match weights"),
+                           "iterationz"), ("decoder.dim=64", "does not match weights"),
                            ("griffin_lim.iterations", "KEY=VALUE")):
         assert checkpoint.main(["export", str(shipped), str(tmp_path / "refused.pt"), "--set", setting]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "refused.pt").exists()
+
+
+def test_griffin_lim_in_chunks_sounds_like_one_piece_and_runs_concurrently_unchanged(speech: np.ndarray,
+                                                                                    other_speech: np.ndarray) -> None:
+    """A long input iterates in overlapping chunks: as intelligible as one piece, seamless (no jump at a chunk
+    edge), and the chunks as concurrent tasks (cpu_speed) give exactly the sequential result."""
+    from pystoi import stoi
+
+    import cpu_speed
+
+    codec_config = load_config(DEMO_CODEC_CONFIG)["codec"]
+    mel = codec_config["mel"]
+    log_mel = LogMel(16000, **mel)
+    clip = np.concatenate([speech, other_speech])
+    target = log_mel(torch.from_numpy(clip)[None])
+    settings = {**codec_config["griffin_lim"], "iterations": 8}
+    whole = MelGriffinLim(log_mel.filters, mel["hop_length"], mel["win_length"], **settings | {"chunk_frames": 10**6})
+    chunked = MelGriffinLim(log_mel.filters, mel["hop_length"], mel["win_length"], **settings | {"chunk_frames": 300})
+    assert len(chunked.chunks(target.shape[-1])) >= 5
+    one, pieces = whole(target, clip.size)[0].numpy(), chunked(target, clip.size)[0].numpy()
+    assert stoi(clip, pieces, 16000, extended=True) > stoi(clip, one, 16000, extended=True) - 0.01
+    assert np.sqrt(np.mean(pieces ** 2)) == pytest.approx(np.sqrt(np.mean(one ** 2)), rel=0.05)
+    threads = torch.get_num_threads()  # 1 (conftest): each concurrent task runs on one thread, as here
+    torch.set_num_threads(2)
+    try:
+        cpu_speed.parallelize_vocoder(type("Codec", (), {"griffin_lim": chunked})())
+        with torch.inference_mode():
+            assert np.array_equal(chunked(target, clip.size)[0].numpy(), pieces)
+    finally:
+        torch.set_num_threads(threads)

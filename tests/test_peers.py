@@ -2,6 +2,7 @@
 trained checkpoint beside them. The peers come from requirements-peers.txt, which `make test` installs."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_compare_peers_scores_the_model_beside_a_peer_per_condition(tmp_path: Pa
     out = tmp_path / "peers"
     done = subprocess.run([sys.executable, str(SCRIPT), "--test_dir", str(EXAMPLES), "--output_dir", str(out),
                            "--files", "2", "--peers", "noisereduce", "--no_dnsmos", "--workers", "1",
-                           "--threads", "1", "--metrics", "spk_sim"], capture_output=True, text=True, timeout=600)
+                           "--threads", "1", "--metrics", "spk_sim", "--log_csv", str(tmp_path / "test_log.csv")],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "peers.json").read_text())
     systems = summary["systems"]
@@ -71,6 +73,9 @@ def test_compare_peers_scores_the_model_beside_a_peer_per_condition(tmp_path: Pa
         assert 0.0 < result["means"]["all"]["spk_sim"] <= 1.0
     table = (out / "peers.md").read_text()
     assert "| noisereduce |" in table and "noise: PESQ / ESTOI / OVRL" in table and "noise: SpkSim" in table
+    # The model's means over all conditions, as test points of its learning curve at its step.
+    points = list(csv.DictReader(open(tmp_path / "test_log.csv")))
+    assert {p["key"] for p in points} == {"test/pesq", "test/estoi"} and {p["step"] for p in points} == {"9500"}
     # The enhanced files are kept, one per condition and file, beside the inputs they came from.
     assert len(list((out / "noisereduce").rglob("*.wav"))) == 10
 

@@ -86,6 +86,12 @@ def _bad_input_folder(root: Path, speech: np.ndarray) -> dict[str, tuple[str, st
     full = (root / "plain.wav").read_bytes()
     (root / "truncated.wav").write_bytes(full[: len(full) // 2])  # header promises more data than there is
     expected["truncated.wav"] = ("either", None)
+    # A recorder killed before it wrote the final size: the header gives half the samples the file holds.
+    short_header = bytearray(full)
+    data = short_header.find(b"data")
+    short_header[data + 4: data + 8] = (16000).to_bytes(4, "little")  # bytes of 8,000 PCM-16 samples
+    (root / "short_header.wav").write_bytes(bytes(short_header))
+    expected["short_header.wav"] = ("ok", "the WAV header gives 8000 samples but the file holds 16000")
     return expected
 
 

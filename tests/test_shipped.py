@@ -5,9 +5,9 @@ tests/data/shipped_model_reference.npz holds, for one examples/ clip: the codec'
 enhancer's predicted tokens, the codec's tokens of the clean clip (both through the inference pipeline) and the
 copy-synthesis scores of the clean clip. It was first written by the code that trained the pair and held through
 the redesign that converted the files; it was rewritten (`python tests/test_shipped.py --write`) when the pipeline
-changed on purpose: input level normalisation (the tokens through the pipeline) and Griffin-Lim from the integrated
-phase with 14 iterations instead of 32 from zero phase (the copy-synthesis scores). The codec's tokens of the raw
-degraded clip did not change.
+changed on purpose: input level normalisation (the tokens through the pipeline) and Griffin-Lim from the
+integrated phase, 19 iterations in 2-s chunks instead of 32 from zero phase (the copy-synthesis scores). The
+codec's tokens of the raw degraded clip did not change.
 """
 from __future__ import annotations
 
@@ -75,5 +75,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_shipped.py --write   (rewrites the reference: only after a deliberate change)")
+        sys.exit("usage: python tests/test_shipped.py --write  (rewrites the reference: after a deliberate change only)")
     write_reference()
