@@ -304,6 +304,14 @@ class EnhancerStage(Stage):
         self.codec = checkpoint.codec_from_payload(codec_payload, codec_source).to(device).requires_grad_(False)
         self.model = build_enhancer(config["enhancer"], self.codec).to(device)
         self.teacher_forced = config["enhancer"]["class"] == "SerialEnhancer"
+        # Beside the paper's cross-entropy, optionally the squared distance between the codebook vectors expected
+        # under the predicted distributions and the clean tokens' vectors: what decoding by expectation decodes.
+        self.expected_weight = float(self.train_cfg["expected_latent_weight"])
+        if not (math.isfinite(self.expected_weight) and self.expected_weight >= 0):
+            raise UserError(f"enhancer_training.expected_latent_weight must be 0 or more, not {self.expected_weight}")
+        if self.expected_weight and self.teacher_forced:
+            raise UserError("enhancer_training.expected_latent_weight needs independent token groups (ParaGSE); "
+                            "set it to 0 for the serial baseline")
         self.optimizers = {"enhancer": adamw(self.model, self.train_cfg)}
         self.schedulers = {"enhancer": torch.optim.lr_scheduler.LambdaLR(
             self.optimizers["enhancer"], enhancer_schedule(self.train_cfg, max_steps))}
@@ -335,10 +343,18 @@ class EnhancerStage(Stage):
             teacher = (clean_tokens,) if self.teacher_forced else ()
             group_logits = self.model_ddp(self.codec.pad(degraded), degraded_tokens, *teacher)
         loss = F.cross_entropy(group_logits.float().flatten(0, 2), clean_tokens.flatten())
+        extra = {}
+        if self.expected_weight:
+            expected = self.codec.quantizer.decode_expected(group_logits.float().softmax(dim=-1))
+            with torch.no_grad():
+                target = self.codec.quantizer.decode(clean_tokens)
+            latent_mse = F.mse_loss(expected, target)
+            extra["latent_mse"] = latent_mse.item()
+            loss = loss + self.expected_weight * latent_mse
         grad_norm = self.apply_gradients(loss, loss, self.optimizers["enhancer"], self.model, guard, step)
         self.schedulers["enhancer"].step()
         return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.schedulers["enhancer"].get_last_lr()[0],
-                **token_accuracies(group_logits.detach().argmax(-1), clean_tokens, degraded_tokens)}
+                **extra, **token_accuracies(group_logits.detach().argmax(-1), clean_tokens, degraded_tokens)}
 
     @torch.inference_mode()
     def validate_one(self, degraded: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -1,6 +1,8 @@
 """ParaGSE and the serial baseline: batched groups equal a per-group loop, training overfits, inference works."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -289,3 +291,27 @@ def test_shipped_demo_model_is_one_enhancer_that_names_its_codec_within_25_mb(sp
         logits = predictor.predict(predictor.condition(padded), degraded_tokens)
     assert degraded_tokens.shape[1] == codec.num_groups
     assert logits.shape == (*degraded_tokens.shape, codec.codebook_size)
+
+
+def test_a_loss_on_the_expected_codebook_vectors_trains_beside_the_cross_entropy(tmp_path: Path,
+                                                                                  speech: np.ndarray) -> None:
+    """enhancer_training.expected_latent_weight adds the distance between the codebook vectors expected under the
+    predicted distributions and the clean tokens' (what decoding by expectation decodes): it is logged and falls
+    as the model fits one pair; the serial baseline, whose stages are not independent, refuses it."""
+    noisy_dir, clean_dir = _write_pair(tmp_path, speech)
+    config, codec = _one_pair_config(tmp_path, TINY_CONFIG)
+    with_loss = write_config(tmp_path / "expected.json", json.loads(config.read_text()) | {
+        "enhancer_training": json.loads(config.read_text())["enhancer_training"] | {"expected_latent_weight": 1.0}})
+    argv = ["--stage", "enhancer", "--config", str(with_loss), "--codec", str(codec), "--checkpoint_dir",
+            str(tmp_path / "run"), "--train_degraded_dir", str(noisy_dir), "--train_clean_dir", str(clean_dir),
+            "--device", "cpu", "--max_steps", "60"]
+    assert train.main(argv) == 0
+    points = [row for row in csv.DictReader(open(tmp_path / "run" / "log.csv")) if row["key"] == "train/latent_mse"]
+    assert len(points) >= 2 and float(points[-1]["value"]) < 0.5 * float(points[0]["value"])
+
+    serial, serial_codec = _one_pair_config(tmp_path, TINY_SERIAL_CONFIG)
+    refused = write_config(tmp_path / "serial_expected.json", json.loads(serial.read_text()) | {
+        "enhancer_training": json.loads(serial.read_text())["enhancer_training"] | {"expected_latent_weight": 1.0}})
+    assert train.main(["--stage", "serial", "--config", str(refused), "--codec", str(serial_codec), "--checkpoint_dir",
+                       str(tmp_path / "serial"), "--train_degraded_dir", str(noisy_dir), "--train_clean_dir",
+                       str(clean_dir), "--device", "cpu", "--max_steps", "1"]) == 2
