@@ -7,7 +7,8 @@ copy-synthesis scores of the clean clip. It was first written by the code that t
 the redesign that converted the files; it was rewritten (`python tests/test_shipped.py --write`) when the pipeline
 changed on purpose: input level normalisation (the tokens through the pipeline) and Griffin-Lim from the
 integrated phase, 19 iterations in 2-s chunks instead of 32 from zero phase (the copy-synthesis scores). The
-codec's tokens of the raw degraded clip did not change.
+codec's tokens of the raw degraded clip did not change. It was rewritten again when a newly trained demo enhancer
+was shipped (the predicted tokens).
 """
 from __future__ import annotations
 
