@@ -382,19 +382,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Zero-argument calls for each stage of a trained enhancer's pipeline on `wav` (1, samples)."""
     codec, predictor = enhancer.codec, enhancer.predictor
-    expected = enhancer.decoding == "expected"
     audio = wav[0].numpy()
     with torch.inference_mode():
         padded = codec.pad(wav)
         degraded_tokens = codec.encode(padded)
         condition = predictor.condition(padded)
         group_logits = predictor.predict(condition, degraded_tokens)
-        probs = (group_logits.float() / enhancer.temperature).softmax(dim=-1)
-        tokens = group_logits.argmax(dim=-1)
 
     def decoder() -> torch.Tensor:
-        latent = codec.quantizer.decode_expected(probs) if expected else codec.quantizer.decode(tokens)
-        return codec.decode_latent(latent)
+        return codec.decode_latent(enhancer.latent(group_logits))
 
     with torch.inference_mode():
         decoded = decoder()

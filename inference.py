@@ -123,11 +123,17 @@ class Enhancer:
             degraded_tokens, condition = self.run_tasks([lambda: self.codec.encode(padded),
                                                          lambda: self.predictor.condition(padded)])
             group_logits = self.predictor.predict(condition, degraded_tokens)
-            if self.decoding == "expected":
-                probs = (group_logits.float() / self.temperature).softmax(dim=-1)
-                return self.codec.decode_expected(probs, segments.shape[-1]), group_logits.argmax(dim=-1)
-            tokens = group_logits.argmax(dim=-1)
+            decoded = self.codec.decode_latent(self.latent(group_logits))
+            return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
         return self.codec.decode(tokens, segments.shape[-1]), tokens
+
+    def latent(self, group_logits: torch.Tensor) -> torch.Tensor:
+        """Group logits (batch, groups, frames, codebook_size) -> the quantised latent the codec decodes: the arg-max
+        tokens' codebook vectors, or with decoding "expected" the vectors expected under the distributions sharpened
+        by the temperature."""
+        if self.decoding == "expected":
+            return self.codec.quantizer.decode_expected((group_logits.float() / self.temperature).softmax(dim=-1))
+        return self.codec.quantizer.decode(group_logits.argmax(dim=-1))
 
     def window_starts(self, length: int) -> list[int]:
         if length <= self.window:

@@ -157,9 +157,6 @@ def _samples_beyond_wav_header(path: Path, shape: tuple[int, int]) -> np.ndarray
     (a recorder killed before it could write the final size), as float32 (samples, channels); None for every other
     file. A reader that trusts the header would cut such a file silently."""
     try:
-        info = sf.info(str(path))
-        if info.format != "WAV" or info.subtype not in _PCM_DTYPES:
-            return None
         with open(path, "rb") as f:
             header = f.read(12)
             if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
@@ -170,15 +167,21 @@ def _samples_beyond_wav_header(path: Path, shape: tuple[int, int]) -> np.ndarray
                     return None
                 size = int.from_bytes(chunk[4:], "little")
                 if chunk[:4] == b"data":
-                    data = f.read()
                     break
                 f.seek(size + (size & 1), os.SEEK_CUR)
+            # Only a file with more bytes than its data chunk declares is read a second time (the usual one is not).
+            if size >= os.fstat(f.fileno()).st_size - f.tell():
+                return None
+            info = sf.info(str(path))
+            if info.subtype not in _PCM_DTYPES:
+                return None
+            data = f.read()
     except (OSError, RuntimeError):
         return None
     dtype = np.dtype(_PCM_DTYPES[info.subtype])
     frame_bytes = dtype.itemsize * shape[1]
-    if size >= len(data) or len(data) // frame_bytes <= shape[0]:
-        return None  # the header is right (or over-states the size, which the reader already handles)
+    if len(data) // frame_bytes <= shape[0]:
+        return None  # the extra bytes hold less than a frame more than the reader gave
     samples = np.frombuffer(data[: len(data) // frame_bytes * frame_bytes], dtype=dtype).reshape(-1, shape[1])
     if dtype.kind == "i":
         return (samples / float(2 ** (8 * dtype.itemsize - 1))).astype(np.float32)

@@ -46,9 +46,9 @@ CURVE_METRICS = ("pesq", "estoi", "dnsmos_ovrl")
 LOG_COLUMNS = ("step", "compute_hours", "key", "value")  # runs.RunLog's log.csv
 
 
-def checkpoint_position(path: Path) -> tuple[int, float]:
-    """(step, compute hours) of a codec checkpoint: under "training" in a training one, "history" in an export."""
-    payload = checkpoint.load(path, "codec")
+def checkpoint_position(path: Path, kind: str = "codec") -> tuple[int, float]:
+    """(step, compute hours) of a checkpoint of `kind`: under "training" in a training one, "history" in an export."""
+    payload = checkpoint.load(path, kind)
     for section in ("training", "history"):
         record = payload.get(section) or {}
         if "step" in record and "compute_seconds" in record:

@@ -39,12 +39,11 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import peers  # noqa: E402
 from degradations import CONDITIONS  # noqa: E402
 from inference import DEFAULT_ENHANCER, Enhancer  # noqa: E402
-from research.codec_copy_synthesis import append_curve_point  # noqa: E402
+from research.codec_copy_synthesis import append_curve_point, checkpoint_position  # noqa: E402
 from utils import (AudioError, UserError, atomic_write, find_audio_files, load_audio, require_dir,  # noqa: E402
                    require_writable, run_command, save_audio)
 
@@ -147,16 +146,6 @@ def enhance_all(name: str, system, files: list[Path], conditions: dict[str, Path
             "failed": len(failures)}
 
 
-def checkpoint_position(path: Path) -> tuple[int, float]:
-    """(step, compute hours) an enhancer checkpoint records: under "training", or "history" once exported."""
-    payload = checkpoint.load(path, "enhancer")
-    for section in ("training", "history"):
-        record = payload.get(section) or {}
-        if "step" in record and "compute_seconds" in record:
-            return int(record["step"]), float(record["compute_seconds"]) / 3600
-    raise UserError(f"{path}: --log_csv needs a checkpoint that records its step and compute seconds")
-
-
 def project_system(checkpoint: Path):
     enhancer = Enhancer.load(checkpoint, device="cpu").parallelize()  # as inference.py runs it
     return lambda audio: enhancer(audio, SAMPLE_RATE)[0]
@@ -226,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
     for path in args.checkpoints.values():
         if not path.is_file():
             raise UserError(f"--checkpoint not found: {path}")
+    # Before the slow part: a checkpoint whose point cannot be logged is refused at once.
+    positions = {name: checkpoint_position(path, "enhancer") for name, path in args.checkpoints.items()
+                 if args.log_csv}
     peer_names = [n.strip() for n in args.peers.split(",") if n.strip()]
     try:
         systems = {name: project_system(path) for name, path in args.checkpoints.items()}
@@ -270,8 +262,7 @@ def run(args: argparse.Namespace) -> int:
         text += (f"\nSpkSim: speaker similarity to the clean file; ViSQOL: MOS-LQO; WER: word error rate against the "
                  f"transcript (lower is better).\n\n{table(results, EXTRA_TABLE_METRICS)}\n")
     atomic_write(args.output_dir / "peers.md", text.encode())
-    for name, path in args.checkpoints.items() if args.log_csv else ():
-        step, hours = checkpoint_position(path)
+    for name, (step, hours) in positions.items():
         append_curve_point(args.log_csv, step, hours, [results[name]["means"]["all"]])
         print(f"{name}: test means logged at step {step} ({hours:.2f} compute hours) to {args.log_csv}")
     summary = {"test_dir": str(args.test_dir), "files": [f.as_posix() for f in files], "threads": args.threads,
