@@ -71,6 +71,7 @@ from utils import (REPO_ROOT, UserError, atomic_write, count_parameters, load_au
                    seed_everything)
 
 SEED = 0
+CPU = torch.device("cpu")
 STAGES = ("stft", "encoder", "stft_encoder", "predictor", "decoder", "total")
 MATMUL_SIZE = 2048
 
@@ -106,19 +107,21 @@ class System:
     enhancer: inference.Enhancer
 
 
-def build_system(name: str, config: dict) -> System:
+def build_system(name: str, config: dict, device: torch.device = CPU, batch_size: int = 1) -> System:
     """A codec and token predictor with seeded random weights, wrapped in the inference pipeline as inference.py
-    runs it (independent work as concurrent tasks, cpu_speed)."""
+    runs it (on CPU, independent work as concurrent tasks, cpu_speed); `batch_size` windows of a long recording
+    go through the predictor at once."""
     seed_everything(SEED)
-    codec = build_codec(config["codec"], config["sample_rate"]).eval()
-    predictor = build_enhancer(config["enhancer"], codec).eval()
-    return System(name, codec, predictor, make_enhancer(codec, predictor, config))
+    codec = build_codec(config["codec"], config["sample_rate"]).eval().to(device)
+    predictor = build_enhancer(config["enhancer"], codec).eval().to(device)
+    return System(name, codec, predictor, make_enhancer(codec, predictor, config, device, batch_size))
 
 
-def make_enhancer(codec: Codec, predictor: torch.nn.Module | None, config: dict) -> inference.Enhancer:
+def make_enhancer(codec: Codec, predictor: torch.nn.Module | None, config: dict, device: torch.device = CPU,
+                  batch_size: int = 1) -> inference.Enhancer:
     window = config["inference"]
-    return inference.Enhancer(codec, predictor, torch.device("cpu"), window["window_seconds"],
-                              window["overlap_seconds"], input_level_db=window["input_level_db"]).parallelize()
+    return inference.Enhancer(codec, predictor, device, window["window_seconds"], window["overlap_seconds"],
+                              batch_size, input_level_db=window["input_level_db"]).parallelize()
 
 
 # ---------------------------------------------------------------------------------------- sizes and FLOPs
@@ -192,15 +195,19 @@ def stage_functions(system: System, wav: torch.Tensor) -> dict[str, Callable[[],
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each call; one warm-up each, then `repeats` rounds that visit every call in turn."""
+    """Median wall time of each call; one warm-up each, then `repeats` rounds that visit every call in turn.
+    Work queued on a GPU is waited for inside each timing."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    wait = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     with torch.inference_mode():
         for call in calls.values():
             call()
+        wait()
         for _ in range(repeats):
             for name, call in calls.items():
                 started = time.perf_counter()
                 call()
+                wait()
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -320,6 +327,7 @@ def batch_throughput(system: System, seconds: float, batch_sizes: list[int], rep
     calls = {}
     for size in batch_sizes:
         wav = torch.from_numpy(np.stack([benchmark_audio(seconds, rate, offset=i * rate) for i in range(size)]))
+        wav = wav.to(system.enhancer.device)
         calls[str(size)] = lambda wav=wav: system.enhancer.enhance_batch(wav)
     medians = interleaved_medians(calls, repeats)
     return [{"batch_size": size, "audio_seconds_per_second": size * seconds / medians[str(size)]}
@@ -408,8 +416,6 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
     """Stage RTFs of a trained enhancer (and, with --peers, the peers' RTFs) on the same clip, interleaved."""
     torch.set_num_threads(args.threads)
     started_load = load_average()
-    if not Path(args.checkpoint).is_file():
-        raise UserError(f"--checkpoint not found: {args.checkpoint}")
     enhancer = inference.Enhancer.load(args.checkpoint, device="cpu").parallelize()
     wav = torch.from_numpy(benchmark_audio(args.seconds, enhancer.sample_rate))[None]
     seconds = wav.shape[-1] / enhancer.sample_rate

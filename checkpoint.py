@@ -32,20 +32,62 @@ INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "tem
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save(path: str | Path, payload: dict) -> None:
-    """torch.save atomically: a crash mid-write leaves the previous file intact."""
+def save(path: str | Path, payload: dict, part_bytes: int | None = None) -> None:
+    """torch.save atomically: a crash mid-write leaves the previous file intact.
+
+    With `part_bytes`, a file larger than that is written as parts NAME.part1-of-N ... NAME.partN-of-N (for
+    transfers that cap a file's size); `load(NAME)` joins them.
+    """
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write(path, buffer.getvalue())
+    data = buffer.getvalue()
+    path = Path(path)
+    earlier = [path, *part_files(path)]
+    if part_bytes is None or len(data) <= part_bytes:
+        written = [path]
+    else:
+        count = -(-len(data) // part_bytes)
+        written = [path.with_name(f"{path.name}.part{i + 1}-of-{count}") for i in range(count)]
+    for i, target in enumerate(written):
+        atomic_write(target, data if len(written) == 1 else data[i * part_bytes:(i + 1) * part_bytes])
+    for stale in earlier:  # the other form of an earlier save, removed only once the new one is whole
+        if stale not in written and stale.exists():
+            stale.unlink()
+
+
+def part_files(path: str | Path) -> list[Path]:
+    """The parts a checkpoint was written in (save with part_bytes), in order; [] for a whole file."""
+    path = Path(path)
+    found = {}
+    for part in path.parent.glob(f"{glob_escape(path.name)}.part*-of-*"):
+        number, _, count = part.name[len(path.name) + len(".part"):].partition("-of-")
+        if number.isdigit() and count.isdigit():
+            found[int(number)] = (int(count), part)
+    return [found[k][1] for k in sorted(found)]
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _read_parts(path: Path) -> bytes:
+    parts = part_files(path)
+    counts = {int(p.name.rpartition("-of-")[2]) for p in parts}
+    numbers = [int(p.name[len(path.name) + len(".part"):].partition("-of-")[0]) for p in parts]
+    if len(counts) != 1 or numbers != list(range(1, counts.pop() + 1)):
+        raise UserError(f"checkpoint {path} is in parts, but they are incomplete or of two writes: "
+                        f"{', '.join(p.name for p in parts)}")
+    return b"".join(p.read_bytes() for p in parts)
 
 
 def load(path: str | Path, kind: str | None = None) -> dict:
     """A checkpoint's payload; UserError names the file and the problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not part_files(path):
         raise UserError(f"checkpoint not found: {path}")
+    source = path if path.is_file() else io.BytesIO(_read_parts(path))
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated, foreign or code-carrying files
         reason = type(e).__name__
         if "weights_only" in str(e):
@@ -181,12 +223,13 @@ def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> Non
 
 
 def export(source: Path, output: Path, half: bool = False, name_codec: Path | None = None,
-           decoding: str | None = None, temperature: float | None = None, settings: tuple[str, ...] = ()) -> dict:
+           decoding: str | None = None, temperature: float | None = None, settings: tuple[str, ...] = (),
+           part_bytes: int | None = None) -> dict:
     """Slim copy of a checkpoint for inference: weights (float16 with `half`), configs, history; no training state.
 
     name_codec: store a reference to that codec file (it must give the same tokens as the enhancer's) instead of
     carrying the codec. decoding / temperature: the enhancer's new inference defaults. settings: 'key=value'
-    changes of a codec's non-tokenizer config (set_codec_setting).
+    changes of a codec's non-tokenizer config (set_codec_setting). part_bytes: see `save`.
     """
     payload = load(source)
     if settings and payload["kind"] != "codec":
@@ -215,7 +258,7 @@ def export(source: Path, output: Path, half: bool = False, name_codec: Path | No
         out["inference"] = inference
     elif name_codec or decoding or temperature is not None:
         raise UserError(f"{source}: --name_codec, --decoding and --temperature apply to enhancer checkpoints")
-    save(output, out)
+    save(output, out, part_bytes)
     return out
 
 
@@ -317,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--temperature", type=float, help="the enhancer's default temperature for expected decoding")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a codec setting that leaves its tokens and weights alone, e.g. griffin_lim.iterations=14")
+    e.add_argument("--part_mib", type=float, help="write a file larger than this many MiB as parts that load() "
+                                                  "joins (NAME.part1-of-N, ...)")
     c = commands.add_parser("convert", help="a checkpoint of the earlier format (trusted files only) to this one")
     c.add_argument("checkpoint", type=Path)
     c.add_argument("output", type=Path)
@@ -334,9 +379,13 @@ def run(args: argparse.Namespace) -> int:
             check_decoding(args.decoding or inference["decoding"],
                            inference["temperature"] if args.temperature is None else args.temperature,
                            ENHANCERS[payload["config"]["class"]])
+        if args.part_mib is not None and args.part_mib <= 0:
+            raise UserError("--part_mib must be positive")
         out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature,
-                     tuple(args.set))
-    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB ({out['config']['class']}, "
+                     tuple(args.set), None if args.part_mib is None else int(args.part_mib * 2**20))
+    written = [args.output] if args.output.is_file() else part_files(args.output)
+    print(f"{args.output}: {sum(f.stat().st_size for f in written) / 1e6:.1f} MB in {len(written)} file(s) "
+          f"({out['config']['class']}, "
           f"step {out['history'].get('step')})")
     return 0
 

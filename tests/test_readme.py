@@ -30,6 +30,9 @@ NOT_RUN = {
     "bash scripts/make_corpus.sh": "installs Debian packages as root (apt) and takes minutes; tests/test_data.py "
                                    "covers the corpus builders it calls",
     "pip install -r requirements-peers.txt": "`make test` installs the peers before the tests run",
+    "python scripts/gpu_sprint.py --output_dir OUT --pack pack --minutes 9 --device cuda": "needs a GPU; the smoke "
+                                                                                          "run has every stage",
+    "python scripts/gpu_sprint.py --output_dir /tmp/sprint --smoke --device cpu": "tests/test_gpu_sprint.py runs it",
 }
 TRAINING_STEPS = 2
 SUBSTITUTIONS = [  # (pattern, replacement), applied in order to each command
@@ -56,6 +59,8 @@ SUBSTITUTIONS = [  # (pattern, replacement), applied in order to each command
      r"\1 \2 --files 1 --peers noisereduce --metrics spk_sim --no_dnsmos --workers 1"),
     # k-means of 1,024 codes needs more frames than the five example clips have.
     (r"(mel_vq_oracle\.py .*) --codebooks .*", r"\1 --codebooks 4x16"),
+    # The wheels come from PyPI: the pack's test (tests/test_gpu_sprint.py) leaves them out as well.
+    (r"(make_gpu_pack\.py)$", r"\1 --no_wheels"),
     (r"^make demo$", f"make -o .venv/.installed demo PY={sys.executable} DEMO_ARGS='--output_dir demo_out --no_dnsmos'"),
 ]
 
@@ -109,6 +114,8 @@ def workspace(tmp_path_factory) -> Path:
                    "data/corpus/test"):
         shutil.copytree(EXAMPLES / "clean", root / folder, ignore=shutil.ignore_patterns("*.txt", "*.csv"))
     shutil.copytree(EXAMPLES / "degraded" / "noise", root / "noisy")
+    shutil.copytree(EXAMPLES / "clean", root / "data/valid_sets/clean", ignore=shutil.ignore_patterns("*.csv"))
+    shutil.copytree(EXAMPLES / "degraded" / "noise", root / "data/valid_sets/noise")
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         (root / "data/corpus/noise" / split).mkdir(parents=True)
