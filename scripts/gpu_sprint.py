@@ -72,10 +72,18 @@ def write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+NEEDED_MODULES = ("soundfile", "soxr", "librosa", "pystoi")
+
+
 def install_wheels(pack: Path, site: Path) -> list[str]:
     """pip install the pack's wheels into `site` (no index, no dependencies: the pack holds each one) and put it
-    first on sys.path and PYTHONPATH, so this process and every child import them."""
+    first on sys.path and PYTHONPATH, so this process and every child import them. Where every needed module
+    imports already (a development machine), nothing is installed."""
+    import importlib.util
+
     wheels = sorted((pack / "wheels").glob("*.whl"))
+    if all(importlib.util.find_spec(name) for name in NEEDED_MODULES):
+        return []
     if wheels:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
