@@ -13,7 +13,7 @@ import torch
 
 from conftest import EXAMPLES, REPO
 from inference import Enhancer
-from utils import AudioError
+from utils import AudioError, stft
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,10 @@ def clip() -> np.ndarray:
     return sf.read(EXAMPLES / "degraded" / "noise" / "allison_vm_helpexit.wav", dtype="float32")[0]
 
 
+def log_spectrum(audio: np.ndarray) -> np.ndarray:
+    return torch.log(stft(torch.from_numpy(audio), 512, 128, 512).abs() + 1e-5).flatten().numpy()
+
+
 def test_any_dtype_layout_and_rate_gives_the_same_enhancement_as_float32_mono_16k(enhancer: Enhancer,
                                                                                 clip: np.ndarray) -> None:
     reference, notes = enhancer(clip, 16000)
@@ -35,8 +39,9 @@ def test_any_dtype_layout_and_rate_gives_the_same_enhancement_as_float32_mono_16
     as_float64, _ = enhancer(clip.astype(np.float64), 16000)
     assert np.allclose(as_float64, reference, atol=1e-4)
     as_int16, _ = enhancer(torch.from_numpy(np.round(clip * 32767).astype(np.int16)), 16000)
-    # int16 rounds the input (noise at -96 dBFS, raised with the clip to the model's level): a token or two may flip
-    assert np.corrcoef(as_int16, reference)[0, 1] > 0.98
+    # int16 rounds the input (noise at -96 dBFS, raised with the clip to the model's level): a token or two may flip,
+    # and Griffin-Lim then finds another phase for those frames, so the spectra are compared, not the waveforms.
+    assert np.corrcoef(log_spectrum(as_int16), log_spectrum(reference))[0, 1] > 0.97
     stereo = np.stack([clip, clip])  # (channels, samples), as torch audio code has it
     out, notes = enhancer(stereo, 16000)
     assert notes == ["mixed 2 channels to mono"] and np.allclose(out, reference, atol=1e-4)
