@@ -60,10 +60,16 @@ def part_files(path: str | Path) -> list[Path]:
     path = Path(path)
     found = {}
     for part in path.parent.glob(f"{glob_escape(path.name)}.part*-of-*"):
-        number, _, count = part.name[len(path.name) + len(".part"):].partition("-of-")
-        if number.isdigit() and count.isdigit():
-            found[int(number)] = (int(count), part)
-    return [found[k][1] for k in sorted(found)]
+        index = _part_index(path, part)
+        if index is not None:
+            found[index] = part
+    return [found[k] for k in sorted(found)]
+
+
+def _part_index(path: Path, part: Path) -> tuple[int, int] | None:
+    """(number, count) of NAME.partNUMBER-of-COUNT, or None for another file."""
+    number, separator, count = part.name[len(path.name) + len(".part"):].partition("-of-")
+    return (int(number), int(count)) if separator and number.isdigit() and count.isdigit() else None
 
 
 def glob_escape(name: str) -> str:
@@ -72,9 +78,9 @@ def glob_escape(name: str) -> str:
 
 def _read_parts(path: Path) -> bytes:
     parts = part_files(path)
-    counts = {int(p.name.rpartition("-of-")[2]) for p in parts}
-    numbers = [int(p.name[len(path.name) + len(".part"):].partition("-of-")[0]) for p in parts]
-    if len(counts) != 1 or numbers != list(range(1, counts.pop() + 1)):
+    indices = [_part_index(path, p) for p in parts]
+    counts = {count for _, count in indices}
+    if len(counts) != 1 or [number for number, _ in indices] != list(range(1, counts.pop() + 1)):
         raise UserError(f"checkpoint {path} is in parts, but they are incomplete or of two writes: "
                         f"{', '.join(p.name for p in parts)}")
     return b"".join(p.read_bytes() for p in parts)

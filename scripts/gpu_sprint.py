@@ -32,7 +32,6 @@ examples/ unless --pack is given); with --device cpu it needs no GPU and takes a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -46,6 +45,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The project's modules and make_gpu_pack; imported only inside functions, after the pack's wheels are installed.
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 MIB = 2**20
 RETURN_LIMITS = {"files": 8, "file_bytes": 16 * MIB, "total_bytes": 64 * MIB, "depth": 2}
 PART_BYTES = 15 * MIB
@@ -388,8 +389,6 @@ def train_sprint_model(options: dict, throughput: dict, deadline: float, scratch
     if not checkpoints:
         result["error"] = "no checkpoint was written"
         return result
-    import torch
-
     import checkpoint
 
     trained = checkpoint.load(checkpoints[-1], "enhancer")
@@ -409,7 +408,6 @@ def train_sprint_model(options: dict, throughput: dict, deadline: float, scratch
     for f in written:
         shutil.copy(f, out / f.name)
     result["weights"] = [f.name for f in written]
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
 
 
@@ -483,12 +481,10 @@ def sprint(args: argparse.Namespace) -> int:
             print("error: --pack is required (make it with scripts/make_gpu_pack.py); --smoke makes one from examples/",
                   file=sys.stderr)
             return 2
-        sys.path[:0] = [str(REPO), str(REPO / "scripts")]
         from make_gpu_pack import examples_pack
 
         examples_pack(scratch / "pack")
     report["wheels"] = install_wheels(args.pack or scratch / "pack", scratch / "site")
-    sys.path.insert(0, str(REPO))
     pack = unpack(args.pack or scratch / "pack", scratch / "data")
     report["setup_seconds"] = round(now() - started, 1)
     write_json(report_path, report)
@@ -526,7 +522,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._stage:
-        sys.path.insert(0, str(REPO))
         stage = {"train_throughput": stage_train_throughput, "inference_rtf": stage_inference_rtf}[args._stage]
         stage(json.loads(args._options), args._result)
         return 0

@@ -81,10 +81,12 @@ def round_robin(root: Path) -> list[Path]:
     return order
 
 
-def encode_until(source: Path, target: Path, budget: int, opus: bool, max_seconds: float | None = None) -> dict:
-    """Encode files of `source` (round-robin over groups) into `target` until `budget` bytes are used."""
+def encode_until(source: Path, target: Path, budget: int, opus: bool, max_seconds: float | None = None,
+                 max_files: int | None = None) -> dict:
+    """Encode files of `source` (round-robin over groups) into `target` until `budget` bytes are used (or
+    `max_files` files written)."""
     used, seconds, files = 0, 0.0, 0
-    for relative in round_robin(source):
+    for relative in round_robin(source)[:max_files]:
         audio = load_audio(source / relative, SAMPLE_RATE)[0]
         if max_seconds is not None:
             audio = audio[: int(max_seconds * SAMPLE_RATE)]
@@ -138,11 +140,8 @@ def build_pack(corpus: Path, valid_sets: Path, output: Path, limit_mib: float, s
     report: dict = {"tracked_bytes": tracked, "limit_bytes": int(limit_mib * MIB)}
     if wheels:
         report["wheels"] = download_wheels(output / "wheels")
-    report["rir"] = encode_until(corpus / "rir" / "train", output / "rir", 10**12, opus=False)
-    rirs = sorted((output / "rir").rglob("*.flac"))
-    for extra in rirs[RIRS:]:  # a fixed number of responses: enough variety, a few hundred kB
-        extra.unlink()
-    report["rir"] = {"files": min(len(rirs), RIRS), "bytes": folder_bytes(output / "rir")}
+    # A fixed number of responses: enough variety, a few hundred kB.
+    report["rir"] = encode_until(corpus / "rir" / "train", output / "rir", 10**12, opus=False, max_files=RIRS)
     report["valid"] = copy_valid_pairs(valid_sets, output / "valid", VALID_PAIRS)
     room = report["limit_bytes"] - tracked - folder_bytes(output) - 64 * 1024  # pack.json and slack
     if room <= 0:
