@@ -176,10 +176,11 @@ def throughput_plan(smoke: bool, device: str) -> list[dict]:
                  "segment": 15960, "codec": str(SHIPPED_CODEC)}]
     else:
         base = {"steps": 60, "warmup": 3, "seconds": 8.0}
-        plan = [{"name": "codec", "kind": "codec", "config": "config.json", "batch": 48, "segment": 7960},
-                {"name": "paragse", "kind": "enhancer", "config": "config.json", "batch": 32, "segment": 31960},
-                {"name": "serial", "kind": "enhancer", "config": "configs/serial.json", "batch": 32,
-                 "segment": 31960},
+        # Batch and segment None: each config's own (the paper's: codec 48 x 7,960, predictors 32 x 31,960).
+        plan = [{"name": "codec", "kind": "codec", "config": "config.json", "batch": None, "segment": None},
+                {"name": "paragse", "kind": "enhancer", "config": "config.json", "batch": None, "segment": None},
+                {"name": "serial", "kind": "enhancer", "config": "configs/serial.json", "batch": None,
+                 "segment": None},
                 {"name": "demo_large", "kind": "enhancer", "config": "configs/gpu_demo_paragse.json", "batch": None,
                  "segment": None, "codec": str(SHIPPED_CODEC)}]
     runs = []
