@@ -118,11 +118,13 @@ class Enhancer:
         if self.predictor is None:
             tokens = self.codec.encode(padded)
         else:
-            # The predictor's token-free part (STFT, degraded branch) and the codec encoder are independent:
-            # run them as two concurrent single-threaded tasks, then predict from both.
-            degraded_tokens, condition = self.run_tasks([lambda: self.codec.encode(padded),
-                                                         lambda: self.predictor.condition(padded)])
-            group_logits = self.predictor.predict(condition, degraded_tokens)
+            # The codec encoder and the front of the predictor's token-free branch (STFT, convolutions, BiLSTM) are
+            # independent and of about equal cost: two concurrent single-threaded tasks. The branch's conformers
+            # then run on every thread.
+            branch = self.predictor.branch
+            degraded_tokens, frames = self.run_tasks([lambda: self.codec.encode(padded),
+                                                      lambda: branch.local(self.predictor.features(padded))])
+            group_logits = self.predictor.predict(branch.context(frames), degraded_tokens)
             decoded = self.codec.decode_latent(self.latent(group_logits))
             return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
         return self.codec.decode(tokens, segments.shape[-1]), tokens

@@ -30,6 +30,12 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, b, t, c = x.shape
+        if g == 1:
+            # One group is one matrix product: CPU bmm spreads its threads over the batch axis, so a batch of one
+            # ran on a single thread however many there were; mm (addmm) spreads them over the matrix.
+            rows = x.reshape(b * t, c)
+            y = rows @ self.weight[0] if self.bias is None else torch.addmm(self.bias[0], rows, self.weight[0])
+            return y.view(1, b, t, -1)
         y = torch.bmm(x.reshape(g, b * t, c), self.weight)
         if self.bias is not None:
             y = y + self.bias
@@ -80,7 +86,12 @@ class SelfAttention(nn.Module):
 
 
 class ConvModule(nn.Module):
-    """LN, pointwise to 2*expansion*dim, GLU, dilated depthwise conv, BatchNorm, SiLU, pointwise back to dim."""
+    """LN, pointwise to 2*expansion*dim, GLU, dilated depthwise conv, BatchNorm, SiLU, pointwise back to dim.
+
+    The depthwise convolution and BatchNorm keep nn.Conv1d / nn.BatchNorm1d parameters over groups * inner channels
+    (group-major), but run group by group on frames-last tensors, so nothing is transposed between the pointwise
+    products: see `depthwise_frames_last`.
+    """
 
     def __init__(self, groups: int, dim: int, expansion: int, kernel_size: int, dilation: int, dropout: float):
         super().__init__()
@@ -95,12 +106,37 @@ class ConvModule(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, b, t, _ = x.shape
         y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (G, B, T, inner)
-        y = y.permute(1, 0, 3, 2).reshape(b, g * self.inner, t)  # groups side by side as conv channels
-        y = F.silu(self.batch_norm(self.depthwise(y)))
-        y = y.view(b, g, self.inner, t).permute(1, 0, 3, 2)
-        return self.dropout(self.pointwise_out(y))
+        conv, norm = self.depthwise, self.batch_norm
+        outputs = []
+        for g in range(self.groups):
+            channels = slice(g * self.inner, (g + 1) * self.inner)
+            z = depthwise_frames_last(y[g], conv.weight[channels], conv.bias[channels], conv.dilation[0])
+            # BatchNorm over (batch, frames) per channel: the frames-last rows are its (N, C) input as they lie.
+            # The running statistics are slices of the module's buffers, updated in place in training.
+            z = F.batch_norm(z.reshape(-1, self.inner), norm.running_mean[channels], norm.running_var[channels],
+                             norm.weight[channels], norm.bias[channels], self.training, norm.momentum, norm.eps)
+            outputs.append(F.silu(z).view_as(y[g]))
+        return self.dropout(self.pointwise_out(torch.stack(outputs)))
+
+
+def depthwise_frames_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int) -> torch.Tensor:
+    """A 'same'-padded depthwise convolution of frames-last x (batch, frames, channels) -> (batch, frames, channels),
+    weight (channels, 1, kernel) as nn.Conv1d holds it, odd kernel.
+
+    It runs as a 2-D convolution on a channels-last view, oneDNN's fast depthwise kernel on CPU (about 20x faster
+    here than Conv1d on the transposed copy). That kernel is slow with dilation, so a dilation d is folded into the
+    channels instead: frame t = d*s + p becomes step s of channel (p, c), and the dilated convolution is then an
+    undilated one over the steps, with the weights repeated for each phase p (the zero padding matches too).
+    """
+    batch, frames, channels = x.shape
+    steps = -(-frames // dilation)
+    if steps * dilation != frames:
+        x = F.pad(x, (0, 0, 0, steps * dilation - frames))
+    folded = x.reshape(batch, steps, dilation * channels).transpose(1, 2).unsqueeze(2)  # (B, dC, 1, steps) view
+    kernel = weight.repeat(dilation, 1, 1).unsqueeze(2)
+    y = F.conv2d(folded, kernel, bias.repeat(dilation), padding=(0, weight.shape[-1] // 2), groups=dilation * channels)
+    return y.squeeze(2).transpose(1, 2).reshape(batch, steps * dilation, channels)[:, :frames]
 
 
 class ConformerBlock(nn.Module):

@@ -73,12 +73,22 @@ class DegradedBranch(nn.Module):
         self.project = nn.Linear(dim, dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.context(self.local(features))
+
+    def local(self, features: torch.Tensor) -> torch.Tensor:
+        """Convolutions and BiLSTM -> (1, batch, F, dim). Split from `context` because the two run best apart on
+        a CPU: the recurrence is a chain of small steps that gains nothing from a second thread, while the
+        conformers' large products do."""
         x = features
         for conv, norm in zip(self.convs, self.norms):
             x = F.leaky_relu(norm(conv(x).transpose(1, 2)).transpose(1, 2), self.slope)
         x = x.transpose(1, 2)[None]  # (1, batch, frames, dim): a single group
         if self.lstm is not None:
             x = x + self.lstm(x)
+        return x
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """Conformers (attention over every frame) and the projection: (1, batch, F, dim) -> (batch, F, dim)."""
         return self.project(self.conformers(x)[0])
 
 
