@@ -26,7 +26,7 @@ SAMPLE_RATE = load_config()["sample_rate"]  # config.json, the one place it is s
 def relative_wav(rel: Path) -> Path:
     """The output name of an input file: same relative path, .wav suffix (repeated suffixes dropped)."""
     name = rel.name
-    while Path(name).suffix.lower() in (".wav", ".flac", ".ogg", ".g722"):
+    while Path(name).suffix.lower() in (".wav", ".flac", ".ogg", ".opus", ".g722"):
         name = Path(name).stem
     return rel.with_name(name + ".wav")
 

@@ -1,14 +1,18 @@
 """`prepare_data.py corpus`: the offline training corpus (data/corpus) decoded from Debian packages.
 
-Speech (Allison prompts, tuxpaint stamp descriptions, fillets-ng voice acting) is split by speaker into
+Speech (Allison prompts, tuxpaint stamp descriptions, fillets-ng voice acting, and the `speech_sources` of the
+config: klettres letters, ktuberling words, gcin syllables, megaglest unit voices) is split by speaker into
 train/valid/test, noise (lincity-ng, sonic-pi, tuxpaint sound effects, generated coloured noise) by recording group
 into train/test, and room impulse responses are simulated; each part gets a manifest.csv. The source packages are
-installed by scripts/make_corpus.sh.
+installed by scripts/make_corpus.sh. Files that are already in the output folder are kept as they are, so a
+source added to the config is decoded without redoing the rest.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import fnmatch
+import hashlib
 import json
 import math
 import re
@@ -32,6 +36,8 @@ from utils import AudioError, UserError, load_audio, save_audio
 SPLITS = ("train", "valid", "test")
 NOISE_SPLITS = ("train", "test")
 FILLETS_MAIN_CHARACTERS = ("m", "v")  # the small and the big fish: one actor each per language, in every level
+SPEECH_SUFFIXES = (".wav", ".ogg", ".opus", ".flac")  # what `speech_sources` entries may point at (ktuberling: opus)
+SPEAKER_RULES = ("speaker", "speaker_level", "speaker_regex")
 
 
 @dataclass
@@ -44,6 +50,15 @@ class Job:
     split: str
     source: str
     group: str  # speaker (speech) or noise group
+
+
+@dataclass
+class Skipped:
+    """A file of a `speech_sources` entry that is not decoded, and why (logged and counted in the summary)."""
+
+    source: str
+    src: str
+    reason: str
 
 
 @dataclass
@@ -229,6 +244,118 @@ def fillets_speech(root: Path) -> list[tuple[Path, str, str, Path]]:
             for p in files]
 
 
+def _ascii_path(rel: Path) -> Path:
+    """Non-ASCII characters of an output name as 'uXXXX' (gcin's folders are Zhuyin syllables): corpus files are
+    packed and copied to other machines and tools, where plain ASCII names are the safe kind."""
+    return Path(*(re.sub(r"[^\x00-\x7f]", lambda m: f"u{ord(m.group()):04x}", part) for part in rel.parts))
+
+
+def _check_speech_source(entry: dict) -> None:
+    rules = [key for key in SPEAKER_RULES if key in entry]
+    if len(rules) != 1:
+        raise UserError(f"data.corpus.speech_sources: {entry.get('name', entry)} needs exactly one of "
+                        f"{', '.join(SPEAKER_RULES)} (has {', '.join(rules) or 'none'})")
+
+
+def source_speaker(entry: dict, rel: Path) -> tuple[str, Path] | None:
+    """(speaker, output path under the speaker's folder) of a file of a `speech_sources` entry, by the entry's one
+    speaker rule: `speaker` (a fixed name), `speaker_level` (the folder at that depth under `dir` names the speaker:
+    a language folder, read by one person) or `speaker_regex` (its groups that matched, joined by '_', then renamed
+    by the optional `speaker_names`). None when the rule finds no speaker for the file."""
+    if "speaker" in entry:
+        return entry["speaker"], rel
+    if "speaker_level" in entry:
+        level = entry["speaker_level"]
+        if len(rel.parts) <= level + 1:  # a file beside the speaker folders, not in one
+            return None
+        return rel.parts[level], Path(*rel.parts[level + 1:])
+    match = re.search(entry["speaker_regex"], rel.as_posix())
+    if match is None or not any(match.groups()):
+        return None
+    raw = "_".join(group for group in match.groups() if group)
+    return entry.get("speaker_names", {}).get(raw, raw), rel
+
+
+def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Path]], list[Skipped]]:
+    """(speech items, skipped files) of every `speech_sources` entry of the config.
+
+    An entry's files are those under its `dir` matching one of its `include` globs and none of its `exclude` globs
+    (paths relative to `dir`) that its speaker rule gives a speaker. Of those, a file is skipped (with its reason)
+    when its native format makes it a poor clean target or would count it twice:
+    - a rate below speech_min_sample_rate is telephone band (ktuberling's 8/11 kHz words): nothing above 4-5.5 kHz
+      to learn, and a band-limited target teaches the model that a band-limited signal is clean;
+    - a rate above speech_max_sample_rate is no recording rate: the klettres files that claim 128 kHz hold nothing
+      above ~4 kHz (narrowband audio stored at a made-up rate);
+    - a subtype in speech_skip_subtypes (8-bit PCM) carries audible quantisation noise;
+    - bytes identical to a file already taken (ktuberling's sr@latin/sr@ijekavian* folders copy sr/, megaglest
+      units share sounds) would weigh the same recording twice.
+    """
+    items: list[tuple[Path, str, str, Path]] = []
+    skipped: list[Skipped] = []
+    seen: dict[str, str] = {}  # content hash -> the file taken
+    min_rate, max_rate = corpus_cfg["speech_min_sample_rate"], corpus_cfg["speech_max_sample_rate"]
+    for entry in corpus_cfg["speech_sources"]:
+        _check_speech_source(entry)
+        name = entry["name"]
+        root = _require_dir(entry["dir"], f"speech source {name} ({entry['package']})")
+        count = len(items)
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if (path.suffix.lower() not in SPEECH_SUFFIXES or not path.is_file()
+                    or not any(fnmatch.fnmatchcase(rel.as_posix(), p) for p in entry["include"])
+                    or any(fnmatch.fnmatchcase(rel.as_posix(), p) for p in entry.get("exclude", []))):
+                continue
+            found = source_speaker(entry, rel)
+            if found is None:
+                skipped.append(Skipped(name, str(path), "no speaker (the speaker rule does not match the path)"))
+                continue
+            speaker, below = found
+            try:
+                info = sf.info(str(path))
+            except (sf.LibsndfileError, RuntimeError, OSError) as e:
+                skipped.append(Skipped(name, str(path), f"unreadable ({str(e).splitlines()[-1] if str(e) else e})"))
+                continue
+            if info.samplerate < min_rate:
+                skipped.append(Skipped(name, str(path), f"sample rate {info.samplerate} Hz < {min_rate} Hz"))
+                continue
+            if info.samplerate > max_rate:
+                skipped.append(Skipped(name, str(path), f"sample rate {info.samplerate} Hz > {max_rate} Hz "
+                                                         f"(not a recording rate)"))
+                continue
+            if info.subtype in corpus_cfg["speech_skip_subtypes"]:
+                skipped.append(Skipped(name, str(path), f"{info.subtype} samples"))
+                continue
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            if digest in seen:
+                skipped.append(Skipped(name, str(path), "duplicate"))
+                continue
+            seen[digest] = str(path)
+            speaker = _ascii_path(Path(speaker)).as_posix()
+            items.append((path, name, speaker, relative_wav(_ascii_path(below))))
+        if len(items) == count:
+            raise UserError(f"data.corpus.speech_sources: {name} keeps no audio file under {root}")
+    return items, skipped
+
+
+def check_speech_not_noise(jobs: list[Job]) -> None:
+    """Refuse a file that is both speech and noise (megaglest's unit voices sit beside its ambience): the model
+    would be taught to remove what it must keep."""
+    speech = {Path(j.src).resolve(): j.source for j in jobs if j.kind == "speech"}
+    for job in jobs:
+        if job.kind == "noise" and Path(job.src).resolve() in speech:
+            raise UserError(f"data.corpus: {job.src} is speech ({speech[Path(job.src).resolve()]}) and noise "
+                            f"({job.source}): exclude it from one of them")
+
+
+def speech_jobs(items: Sequence[tuple[Path, str, str, Path]], corpus_cfg: dict) -> list[Job]:
+    """A job per speech item, into <split>/<source>/<speaker>/ by the speaker's split."""
+    jobs = []
+    for path, source, speaker, rel in items:
+        split = split_of(source, speaker, corpus_cfg)
+        jobs.append(Job("speech", str(path), f"{split}/{source}/{speaker}/{rel.as_posix()}", split, source, speaker))
+    return jobs
+
+
 def noise_group(path: Path) -> str:
     """Variants of one recording ('TraficHigh1', 'TraficHigh2') form a group kept within one split."""
     return re.sub(r"[_\-]?\d+$", "", path.stem) or path.stem
@@ -276,24 +403,38 @@ def colored_noise(color: str, seconds: float, rng: np.random.Generator) -> np.nd
     return (noise * 0.1 / np.sqrt(np.mean(noise ** 2))).astype(np.float32)
 
 
+def rir_file(split: str, index: int) -> str:
+    return f"rir/{split}/rir_{index:04d}.wav"
+
+
+def reusable_rirs(output_dir: Path) -> dict[str, dict]:
+    """{file: simulation parameters} of the RIRs an earlier run wrote and listed in rir/manifest.csv. A RIR is a
+    function of (seed, split, index), so those files are kept rather than simulated and rewritten again; delete
+    rir/ after changing data.degradation's room settings."""
+    manifest = output_dir / "rir" / "manifest.csv"
+    if not manifest.is_file():
+        return {}
+    with open(manifest, newline="") as f:
+        return {row["file"]: json.loads(row["parameters"]) for row in csv.DictReader(f)
+                if (output_dir / row["file"]).is_file()}
+
+
 def _rir_job(job: tuple[str, int, int]) -> tuple[str, str, dict]:
     split, index, seed = job
     rir, params = simulate_rir(np.random.default_rng([seed, SPLITS.index(split), index]),
                                CONTEXT["degradation"], SAMPLE_RATE)
-    rel = f"rir/{split}/rir_{index:04d}.wav"
+    rel = rir_file(split, index)
     save_audio(CONTEXT["output_dir"] / rel, rir * 0.99, SAMPLE_RATE)
     return rel, split, params
 
 
-def corpus_jobs(corpus_cfg: dict) -> list[Job]:
+def corpus_jobs(corpus_cfg: dict) -> tuple[list[Job], list[Skipped]]:
     asterisk = _require_dir(corpus_cfg["asterisk_dir"], "asterisk-core-sounds-en-g722 (en_US_f_Allison)")
     tuxpaint = _require_dir(corpus_cfg["tuxpaint_dir"], "tuxpaint-stamps-default")
     fillets = _require_dir(corpus_cfg["fillets_dir"], "fillets-ng-data-cs / -nl")
     tux_speech, tux_effects = tuxpaint_sounds(tuxpaint, corpus_cfg["tuxpaint_noise_exclude"])
-    jobs = []
-    for path, source, speaker, rel in asterisk_speech(asterisk) + tux_speech + fillets_speech(fillets):
-        split = split_of(source, speaker, corpus_cfg)
-        jobs.append(Job("speech", str(path), f"{split}/{source}/{speaker}/{rel.as_posix()}", split, source, speaker))
+    more_speech, skipped = speech_source_files(corpus_cfg)
+    jobs = speech_jobs(asterisk_speech(asterisk) + tux_speech + fillets_speech(fillets) + more_speech, corpus_cfg)
     for source, (root, files) in noise_sources(corpus_cfg, tux_effects).items():
         splits = split_noise_groups(files, corpus_cfg["noise_test_fraction"], corpus_cfg["seed"], source)
         for path in files:
@@ -301,7 +442,8 @@ def corpus_jobs(corpus_cfg: dict) -> list[Job]:
             name = "_".join(relative_wav(rel).parts)
             jobs.append(Job("noise", str(path), f"noise/{splits[path]}/{source}/{name}", splits[path], source,
                             noise_group(path)))
-    return jobs
+    check_speech_not_noise(jobs)
+    return jobs, skipped
 
 
 def write_colored_noise(output_dir: Path, corpus_cfg: dict) -> list[list[Any]]:
@@ -325,6 +467,30 @@ def check_disjoint(records: list[Result]) -> None:
         if seen.setdefault(key, r.job.split) != r.job.split:
             raise UserError(f"corpus: {r.job.kind} {r.job.source}/{r.job.group} is in both {seen[key]} "
                             f"and {r.job.split}")
+
+
+def speech_source_summary(corpus_cfg: dict, results: list[Result], skipped: list[Skipped]) -> list[str]:
+    """A line per `speech_sources` entry: files kept (minutes, speakers per split), skipped and dropped, and why."""
+    lines = []
+    for entry in corpus_cfg["speech_sources"]:
+        name = entry["name"]
+        rs = [r for r in results if r.job.kind == "speech" and r.job.source == name]
+        kept = [r for r in rs if r.dropped is None]
+        per_split = ", ".join(
+            f"{split} {sum(r.seconds for r in kept if r.job.split == split) / 60:.1f} min / "
+            f"{len({r.job.group for r in kept if r.job.split == split})} spk"
+            for split in SPLITS if any(r.job.split == split for r in kept))
+        reasons: dict[str, int] = defaultdict(int)
+        for s in skipped:
+            if s.source == name:
+                reasons[re.sub(r" \(.*", "", s.reason)] += 1
+        for r in rs:
+            if r.dropped:
+                reasons[{"short": f"shorter than {corpus_cfg['min_seconds']} s"}.get(r.dropped, r.dropped)] += 1
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
+        lines.append(f"  speech source {name}: {len(kept)} files kept ({per_split or 'none'}); "
+                     f"{sum(reasons.values())} not used: {why}")
+    return lines
 
 
 def corpus_summary(kept: list[Result], rir_rows: list, colored_rows: list, dropped: dict[str, int],
@@ -355,11 +521,14 @@ def cmd_corpus(args: argparse.Namespace, config: dict) -> None:
     """Decode the Debian packages' speech and noise into data/corpus, split by speaker, plus simulated RIRs."""
     started = time.time()
     corpus_cfg, output_dir = config["data"]["corpus"], Path(args.output_dir)
-    jobs = corpus_jobs(corpus_cfg)
+    jobs, skipped = corpus_jobs(corpus_cfg)
+    for s in skipped:
+        log.info("skipped %s: %s", s.src, s.reason)
     workers = worker_count(config, args.num_workers)
     context = {"output_dir": output_dir, "min_seconds": corpus_cfg["min_seconds"],
                "silence_rms_db": corpus_cfg["silence_rms_db"], "degradation": config["data"]["degradation"]}
-    print(f"corpus: decoding {len(jobs)} files on {workers} processes ...", flush=True)
+    print(f"corpus: decoding {len(jobs)} files on {workers} processes (files already written are kept) ...",
+          flush=True)
     results = run_parallel(_corpus_job, jobs, workers, set_context, (context,))
     kept = [r for r in results if r.dropped is None]
     dropped: dict[str, int] = defaultdict(int)
@@ -371,9 +540,13 @@ def cmd_corpus(args: argparse.Namespace, config: dict) -> None:
     check_disjoint(kept)
     colored_rows = write_colored_noise(output_dir, corpus_cfg)
     rir_jobs = [(split, i, corpus_cfg["seed"]) for split in NOISE_SPLITS for i in range(corpus_cfg[f"rir_{split}"])]
-    print(f"corpus: simulating {len(rir_jobs)} room impulse responses ...", flush=True)
-    rir_rows = [[rel, split, json.dumps(params, sort_keys=True)]
-                for rel, split, params in run_parallel(_rir_job, rir_jobs, workers, set_context, (context,))]
+    earlier = reusable_rirs(output_dir)
+    to_simulate = [job for job in rir_jobs if rir_file(job[0], job[1]) not in earlier]
+    print(f"corpus: simulating {len(to_simulate)} room impulse responses ({len(rir_jobs) - len(to_simulate)} "
+          f"kept) ...", flush=True)
+    params = earlier | {rel: p for rel, _, p in run_parallel(_rir_job, to_simulate, workers, set_context, (context,))}
+    rir_rows = [[rir_file(split, i), split, json.dumps(params[rir_file(split, i)], sort_keys=True)]
+                for split, i, _ in rir_jobs]
     keep = {(output_dir / r.job.dst).resolve() for r in kept}
     keep |= {(output_dir / row[0]).resolve() for row in colored_rows + rir_rows}
     stale = remove_stale(output_dir, keep, SPLITS + ("noise", "rir"))
@@ -390,3 +563,4 @@ def cmd_corpus(args: argparse.Namespace, config: dict) -> None:
     transcribed = write_transcripts(output_dir, speech, corpus_cfg)
     print(f"corpus: transcripts of {transcribed} files (evaluate.py --metrics wer --transcripts ...)")
     print(corpus_summary(kept, rir_rows, colored_rows, dropped, time.time() - started, output_dir))
+    print("\n".join(speech_source_summary(corpus_cfg, results, skipped)))

@@ -3,6 +3,8 @@
 #
 #   sudo scripts/make_corpus.sh [extra arguments for `prepare_data.py corpus`, e.g. --output_dir DIR]
 #
+# Files already in the output folder are kept, so after a source is added to config.json a rerun decodes only it.
+#
 # Installs only the packages allowed for training (see shared DATA.md). pocketsphinx-testdata, codec2-examples,
 # hedgewars-data and the non-English asterisk sounds are reserved for independent evaluation: never add them here.
 set -euo pipefail
@@ -15,9 +17,12 @@ PACKAGES=(
   tuxpaint-stamps-default       # read stamp descriptions in 12+ languages, and sound effects (noise)
   fillets-ng-data-cs            # Czech voice acting
   fillets-ng-data-nl            # Dutch voice acting
+  klettres-data                 # spoken letters and syllables, one reader per language folder (data.corpus.speech_sources)
+  ktuberling-data               # spoken words, one reader per language folder (8/11 kHz ones are skipped)
+  gcin-voice                    # Mandarin syllables read by two speakers
   lincity-ng-data               # city ambience (noise)
   sonic-pi-samples              # hiss and ambience (noise)
-  megaglest-data                # forest, rain, water and battle ambience of a strategy game (noise; voices excluded)
+  megaglest-data                # forest, rain, water and battle ambience of a strategy game (noise); its unit voices are speech
   frozen-bubble-data            # game music (noise)
   xmoto-data                    # game music (noise)
   extremetuxracer-data          # game music and effects (noise)

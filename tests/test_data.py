@@ -281,3 +281,122 @@ def test_examples_are_present_complete_and_small() -> None:
     assert (EXAMPLES / "NOTICE").is_file() and "CC-BY-SA-3.0" in (EXAMPLES / "NOTICE").read_text()
     total = sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
     assert total < 3_000_000
+
+
+# --------------------------------------------------------------------------------- corpus: speech_sources
+def _write_tone(path: Path, seconds: float, rate: int, channels: int = 1, seed: int = 0, **kwargs) -> None:
+    """tone_speech resampled by index to `rate` (its pitch does not matter here), in `channels` channels."""
+    x = tone_speech(seconds * rate / SR, seed)[: int(seconds * rate)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.stack([x] * channels, axis=1) if channels > 1 else x, rate, **kwargs)
+
+
+@pytest.fixture()
+def speech_source(tmp_path: Path) -> tuple[dict, Path]:
+    """A tiny package tree: language folders (one reader each), a stereo ogg, an 8 kHz file and a 96 kHz one to
+    skip, a byte copy, an 8-bit file, a file excluded by glob, one too short to keep, one outside every folder."""
+    root = tmp_path / "pkg"
+    _write_tone(root / "de" / "alpha" / "a.wav", 1.0, 44100, seed=1)
+    _write_tone(root / "de" / "alpha" / "short.wav", 0.2, 44100, seed=2)
+    _write_tone(root / "de" / "noise_x.wav", 1.0, 44100, seed=3)  # excluded by glob
+    _write_tone(root / "fr" / "b.ogg", 1.0, 22050, channels=2, seed=4)  # stereo Vorbis
+    _write_tone(root / "fr" / "phone.wav", 1.0, 8000, seed=5)  # telephone band: skipped
+    _write_tone(root / "fr" / "fast.wav", 1.0, 96000, seed=6)  # above the maximum rate: skipped
+    _write_tone(root / "fr" / "eight_bit.wav", 1.0, 22050, seed=7, subtype="PCM_U8")  # skipped
+    _write_tone(root / "sr" / "c.wav", 1.0, 16000, seed=8)
+    (root / "sr@latin").mkdir()
+    (root / "sr@latin" / "c.wav").write_bytes((root / "sr" / "c.wav").read_bytes())  # a copy: skipped
+    _write_tone(root / "top.wav", 1.0, 44100, seed=9)  # in no language folder: no speaker
+    (root / "de" / "notes.txt").write_text("not audio")
+    cfg = {"speech_min_sample_rate": 16000, "speech_max_sample_rate": 48000,
+           "speech_skip_subtypes": ["PCM_U8", "PCM_S8"], "min_seconds": 0.5, "silence_rms_db": -60.0,
+           "valid_speakers": ["fixture/fr"], "test_speakers": ["tuxpaint/sr"],
+           "speech_sources": [{"name": "fixture", "package": "fixture-data", "dir": str(root),
+                               "include": ["*.wav", "*.ogg"], "exclude": ["*/noise_*"], "speaker_level": 0}]}
+    return cfg, root
+
+
+def test_speech_sources_assign_speakers_filter_rates_and_split(speech_source: tuple[dict, Path]) -> None:
+    from data_prep.corpus import speech_jobs, speech_source_files
+
+    cfg, root = speech_source
+    items, skipped = speech_source_files(cfg)
+    got = {path.relative_to(root).as_posix(): (source, speaker, rel.as_posix()) for path, source, speaker, rel in items}
+    assert got == {"de/alpha/a.wav": ("fixture", "de", "alpha/a.wav"),
+                   "de/alpha/short.wav": ("fixture", "de", "alpha/short.wav"),
+                   "fr/b.ogg": ("fixture", "fr", "b.wav"),
+                   "sr/c.wav": ("fixture", "sr", "c.wav")}
+    reasons = {Path(s.src).relative_to(root).as_posix(): s.reason for s in skipped}
+    assert reasons == {"fr/phone.wav": "sample rate 8000 Hz < 16000 Hz",
+                       "fr/fast.wav": "sample rate 96000 Hz > 48000 Hz (not a recording rate)",
+                       "fr/eight_bit.wav": "PCM_U8 samples", "sr@latin/c.wav": "duplicate",
+                       "top.wav": "no speaker (the speaker rule does not match the path)"}
+    splits = {j.dst: j.split for j in speech_jobs(items, cfg)}
+    # valid by its pattern; 'sr' is a test speaker of tuxpaint only, so this source's sr reader trains
+    assert splits == {"train/fixture/de/alpha/a.wav": "train", "train/fixture/de/alpha/short.wav": "train",
+                      "valid/fixture/fr/b.wav": "valid", "train/fixture/sr/c.wav": "train"}
+
+
+def test_speech_sources_decode_to_16k_mono_and_keep_existing_files(speech_source: tuple[dict, Path],
+                                                                   tmp_path: Path) -> None:
+    from data_prep.common import run_parallel, set_context
+    from data_prep.corpus import _corpus_job, speech_jobs, speech_source_files
+
+    cfg, _ = speech_source
+    jobs = speech_jobs(speech_source_files(cfg)[0], cfg)
+    out = tmp_path / "corpus"
+    context = {"output_dir": out, "min_seconds": cfg["min_seconds"], "silence_rms_db": cfg["silence_rms_db"]}
+    results = run_parallel(_corpus_job, jobs, 1, set_context, (context,))
+    assert {r.job.dst: r.dropped for r in results} == {
+        "train/fixture/de/alpha/a.wav": None, "train/fixture/de/alpha/short.wav": "short",
+        "valid/fixture/fr/b.wav": None, "train/fixture/sr/c.wav": None}
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.wav"))
+    assert written == ["train/fixture/de/alpha/a.wav", "train/fixture/sr/c.wav", "valid/fixture/fr/b.wav"]
+    for rel in written:
+        info = sf.info(str(out / rel))
+        assert info.samplerate == SR and info.channels == 1 and abs(info.duration - 1.0) < 0.01
+    # a second run (another source added) keeps what is there: the same inode, untouched, and the same length
+    before = {rel: ((out / rel).stat().st_ino, (out / rel).stat().st_mtime_ns) for rel in written}
+    again = run_parallel(_corpus_job, jobs, 1, set_context, (context,))
+    assert {rel: ((out / rel).stat().st_ino, (out / rel).stat().st_mtime_ns) for rel in written} == before
+    assert [(r.dropped, round(r.seconds, 2)) for r in again] == [(r.dropped, round(r.seconds, 2)) for r in results]
+
+
+def test_speech_sources_refuse_a_missing_package_a_bad_rule_and_speech_as_noise(
+        speech_source: tuple[dict, Path]) -> None:
+    from data_prep.corpus import Job, check_speech_not_noise, speech_source_files
+    from utils import UserError
+
+    cfg, root = speech_source
+    entry = cfg["speech_sources"][0]
+    with pytest.raises(UserError, match=r"speech source fixture \(fixture-data\) not found at .*make_corpus"):
+        speech_source_files(dict(cfg, speech_sources=[dict(entry, dir=str(root / "absent"))]))
+    with pytest.raises(UserError, match="exactly one of speaker, speaker_level, speaker_regex"):
+        speech_source_files(dict(cfg, speech_sources=[dict(entry, speaker="x")]))
+    regex = dict(entry, speaker_level=None, speaker_regex=r"^(fr|sr)/", speaker_names={"fr": "french"})
+    del regex["speaker_level"]
+    items, _ = speech_source_files(dict(cfg, speech_sources=[regex]))
+    assert sorted({speaker for _, _, speaker, _ in items}) == ["french", "sr"]
+    src = str(root / "de" / "alpha" / "a.wav")
+    with pytest.raises(UserError, match="is speech \\(fixture\\) and noise \\(game\\)"):
+        check_speech_not_noise([Job("speech", src, "train/x.wav", "train", "fixture", "de"),
+                                Job("noise", src, "noise/train/x.wav", "train", "game", "a")])
+
+
+def test_configured_speech_sources_are_well_formed() -> None:
+    """config.json's entries (checked without the packages): one speaker rule each, rates 16-48 kHz, and the
+    megaglest voices are what its noise entry excludes."""
+    import fnmatch
+
+    corpus = load_config()["data"]["corpus"]
+    assert corpus["speech_min_sample_rate"] == 16000
+    names = [e["name"] for e in corpus["speech_sources"]]
+    assert len(set(names)) == len(names) and {"klettres", "ktuberling", "gcin", "megaglest"} <= set(names)
+    for entry in corpus["speech_sources"]:
+        assert sum(key in entry for key in ("speaker", "speaker_level", "speaker_regex")) == 1, entry["name"]
+    voices = next(e for e in corpus["speech_sources"] if e["name"] == "megaglest")
+    noise = next(e for e in corpus["noise_sources"] if e["name"] == "megaglest")
+    prefix = Path(voices["dir"]).relative_to(noise["dir"]).as_posix()
+    for name in ("factions/indian/units/archer/sounds/archer_select1.wav", "commondata/sounds/guard_ack3.wav"):
+        assert any(fnmatch.fnmatchcase(name, p) for p in voices["include"])
+        assert any(fnmatch.fnmatchcase(f"{prefix}/{name}", p) for p in noise["exclude"])
