@@ -1,6 +1,7 @@
 """ParaGSE and the serial baseline: batched groups equal a per-group loop, training overfits, inference works."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -19,7 +20,7 @@ import train
 from conftest import REPO, TINY_CONFIG, TINY_SERIAL_CONFIG, latest_checkpoint, write_config
 from models import build_codec, build_enhancer
 from models.codec import Codec
-from models.conformer import GroupedBiLSTM, GroupedLinear
+from models.conformer import ConvModule, GroupedBiLSTM, GroupedLinear
 from models.paragse import TokenBranches
 from utils import UserError, load_audio, load_config, normalise_level, save_audio, seed_everything
 
@@ -50,6 +51,30 @@ def test_grouped_lstm_and_linear_match_torch_modules() -> None:
         dense = torch.nn.Linear(12, 5)
         dense.load_state_dict({"weight": linear.weight[g].t(), "bias": linear.bias[g, 0]})
         assert (dense(x[g]) - z[g]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+def test_conformer_convolution_is_the_conv1d_and_batchnorm_its_parameters_describe(dilation: int) -> None:
+    """The depthwise convolution and BatchNorm, run frames-last group by group, compute what nn.Conv1d and
+    nn.BatchNorm1d over groups x channels compute with the same parameters (so every checkpoint means the same),
+    in evaluation and in training (batch statistics and running-statistic updates), with any dilation."""
+    seed_everything(0)
+    for training in (False, True):
+        module = ConvModule(3, 8, 2, 7, dilation, 0.0).train(training)
+        with torch.no_grad():
+            module.batch_norm.running_mean.uniform_(-0.5, 0.5)
+            module.batch_norm.running_var.uniform_(0.5, 2.0)
+            module.batch_norm.weight.uniform_(0.5, 2.0)
+            module.batch_norm.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(3, 2, 23, 8)  # 23 frames: not a multiple of any dilation
+        reference_norm = copy.deepcopy(module.batch_norm)
+        inner = torch.nn.functional.glu(module.pointwise_in(module.norm(x)), dim=-1)
+        channels_first = inner.permute(1, 0, 3, 2).reshape(2, 3 * module.inner, 23)
+        expected = torch.nn.functional.silu(reference_norm(module.depthwise(channels_first)))
+        expected = module.pointwise_out(expected.view(2, 3, module.inner, 23).permute(1, 0, 3, 2))
+        assert (module(x) - expected).abs().max() < 1e-5
+        assert torch.allclose(module.batch_norm.running_mean, reference_norm.running_mean, atol=1e-6)
+        assert torch.allclose(module.batch_norm.running_var, reference_norm.running_var, atol=1e-6)
 
 
 def _token_branches(groups: int, codes: int) -> TokenBranches:
