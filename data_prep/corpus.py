@@ -1,7 +1,8 @@
 """`prepare_data.py corpus`: the offline training corpus (data/corpus) decoded from Debian packages.
 
-Speech (Allison prompts, tuxpaint stamp descriptions, fillets-ng voice acting, and the `speech_sources` of the
-config: klettres letters, ktuberling words, gcin syllables, megaglest unit voices) is split by speaker into
+Speech (Allison prompts, tuxpaint stamp descriptions, fillets-ng voice acting, and any `speech_sources` of the
+config: configs/corpus_more_speakers.json names klettres letters, ktuberling words, gcin syllables and megaglest unit
+voices) is split by speaker into
 train/valid/test, noise (lincity-ng, sonic-pi, tuxpaint sound effects, generated coloured noise) by recording group
 into train/test, and room impulse responses are simulated; each part gets a manifest.csv. The source packages are
 installed by scripts/make_corpus.sh. Files that are already in the output folder are kept as they are, so a

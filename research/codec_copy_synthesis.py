@@ -58,15 +58,16 @@ def checkpoint_position(path: Path, kind: str = "codec") -> tuple[int, float]:
 
 
 def append_curve_point(log_csv: Path, step: int, hours: float, rows: list[dict]) -> list[dict]:
-    """Write the mean scores of `rows` at `step` to `log_csv` (atomically, sorted by step), replacing that step's
-    earlier points; returns the new points."""
+    """Write the mean scores of `rows` at `step` to `log_csv` (atomically, in compute-hour order), replacing the
+    earlier points of the same step and hours; returns the new points. A point is known by both: a run continued
+    with --init_from counts its steps from 0 again, so one step number can mark several points of a curve."""
     kept = []
     if log_csv.exists():
         with open(log_csv, newline="") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != LOG_COLUMNS:
                 raise UserError(f"{log_csv} is not a learning-curve log (columns {', '.join(LOG_COLUMNS)})")
-            kept = [r for r in reader if int(r["step"]) != step]
+            kept = [r for r in reader if (int(r["step"]), r["compute_hours"]) != (step, f"{hours:.4f}")]
     scored = [r for r in rows if not r.get("error")]
     new = [{"step": step, "compute_hours": f"{hours:.4f}", "key": f"test/{metric}",
             "value": f"{np.mean([float(r[metric]) for r in scored]):.6g}"}
@@ -74,7 +75,7 @@ def append_curve_point(log_csv: Path, step: int, hours: float, rows: list[dict])
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS)  # csv's \r\n, as runs.RunLog and the committed logs
     writer.writeheader()
-    writer.writerows(sorted(kept + new, key=lambda r: (int(r["step"]), r["key"])))
+    writer.writerows(sorted(kept + new, key=lambda r: (float(r["compute_hours"]), int(r["step"]), r["key"])))
     atomic_write(log_csv, text.getvalue().encode())
     return new
 

@@ -17,7 +17,7 @@ PACKAGES=(
   tuxpaint-stamps-default       # read stamp descriptions in 12+ languages, and sound effects (noise)
   fillets-ng-data-cs            # Czech voice acting
   fillets-ng-data-nl            # Dutch voice acting
-  klettres-data                 # spoken letters and syllables, one reader per language folder (data.corpus.speech_sources)
+  klettres-data                 # spoken letters and syllables, one reader per language folder (configs/corpus_more_speakers.json)
   ktuberling-data               # spoken words, one reader per language folder (8/11 kHz ones are skipped)
   gcin-voice                    # Mandarin syllables read by two speakers
   lincity-ng-data               # city ambience (noise)

@@ -288,3 +288,21 @@ def test_speaker_viSQOL_and_word_error_metrics_rank_clean_above_degraded(tmp_pat
     assert "unknown metric 'mos'" in capsys.readouterr().err
     assert evaluate.main(argv[:-2]) == 2
     assert "needs --transcripts" in capsys.readouterr().err
+
+
+def test_held_out_points_of_continued_runs_keep_their_place_on_the_curve(tmp_path: Path) -> None:
+    """A run continued with --init_from counts steps from 0 again: its held-out point at step 1,500 must sit beside
+    an earlier leg's step-1,500 point (by compute hours), and scoring the same checkpoint again replaces only it."""
+    sys.path.insert(0, str(REPO / "research"))
+    from codec_copy_synthesis import append_curve_point
+
+    log = tmp_path / "test_log.csv"
+    rows = [{"pesq": 1.2, "estoi": 0.5, "dnsmos_ovrl": 2.5}]
+    append_curve_point(log, 7000, 9.7, rows)
+    append_curve_point(log, 1500, 2.0, rows)
+    append_curve_point(log, 1500, 10.3, [{"pesq": 1.4, "estoi": 0.6, "dnsmos_ovrl": 2.6}])
+    append_curve_point(log, 1500, 10.3, [{"pesq": 1.5, "estoi": 0.6, "dnsmos_ovrl": 2.6}])
+    with open(log, newline="") as f:
+        points = [(float(r["compute_hours"]), int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
+                  if r["key"] == "test/pesq"]
+    assert points == [(2.0, 1500, 1.2), (9.7, 7000, 1.2), (10.3, 1500, 1.5)]
