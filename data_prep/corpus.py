@@ -38,6 +38,7 @@ SPLITS = ("train", "valid", "test")
 NOISE_SPLITS = ("train", "test")
 FILLETS_MAIN_CHARACTERS = ("m", "v")  # the small and the big fish: one actor each per language, in every level
 SPEECH_SUFFIXES = (".wav", ".ogg", ".opus", ".flac")  # what `speech_sources` entries may point at (ktuberling: opus)
+NOISE_SUFFIXES = (".wav", ".ogg", ".flac")  # what `noise_sources` entries may point at
 SPEAKER_RULES = ("speaker", "speaker_level", "speaker_regex")
 
 
@@ -300,12 +301,8 @@ def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Pa
         name = entry["name"]
         root = _require_dir(entry["dir"], f"speech source {name} ({entry['package']})")
         count = len(items)
-        for path in sorted(root.rglob("*")):
+        for path in entry_files(root, entry, SPEECH_SUFFIXES):
             rel = path.relative_to(root)
-            if (path.suffix.lower() not in SPEECH_SUFFIXES or not path.is_file()
-                    or not any(fnmatch.fnmatchcase(rel.as_posix(), p) for p in entry["include"])
-                    or any(fnmatch.fnmatchcase(rel.as_posix(), p) for p in entry.get("exclude", []))):
-                continue
             found = source_speaker(entry, rel)
             if found is None:
                 skipped.append(Skipped(name, str(path), "no speaker (the speaker rule does not match the path)"))
@@ -362,6 +359,18 @@ def noise_group(path: Path) -> str:
     return re.sub(r"[_\-]?\d+$", "", path.stem) or path.stem
 
 
+def entry_files(root: Path, entry: dict, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of a `noise_sources` / `speech_sources` entry, sorted: those under `root` with one of `suffixes`
+    whose path relative to `root` matches one of the entry's `include` globs and none of its `exclude` globs."""
+    def matches(rel: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns)
+
+    return [path for path in sorted(root.rglob("*"))
+            if path.suffix.lower() in suffixes and path.is_file()
+            and matches(path.relative_to(root).as_posix(), entry["include"])
+            and not matches(path.relative_to(root).as_posix(), entry.get("exclude", []))]
+
+
 def noise_sources(corpus_cfg: dict, tuxpaint_effects: list[Path]) -> dict[str, tuple[Path, list[Path]]]:
     """{source: (root, files)}: the tuxpaint sound effects plus every `noise_sources` entry of the config, whose
     files are those under its `dir` matching one of its `include` globs (paths relative to `dir`) and none of its
@@ -369,13 +378,7 @@ def noise_sources(corpus_cfg: dict, tuxpaint_effects: list[Path]) -> dict[str, t
     sources = {"tuxpaint": (Path(corpus_cfg["tuxpaint_dir"]), tuxpaint_effects)}
     for entry in corpus_cfg["noise_sources"]:
         root = _require_dir(entry["dir"], f"noise source {entry['name']} ({entry['package']})")
-        files = []
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if (path.suffix.lower() in (".wav", ".ogg", ".flac") and path.is_file()
-                    and any(fnmatch.fnmatchcase(rel, pattern) for pattern in entry["include"])
-                    and not any(fnmatch.fnmatchcase(rel, pattern) for pattern in entry.get("exclude", []))):
-                files.append(path)
+        files = entry_files(root, entry, NOISE_SUFFIXES)
         if not files:
             raise UserError(f"data.corpus.noise_sources: {entry['name']} matches no audio file under {root}")
         sources[entry["name"]] = (root, files)
