@@ -119,10 +119,11 @@ def enhancer_payload(predictor: torch.nn.Module, codec: dict, inference: dict) -
 
 
 # ----------------------------------------------------------------------------------------------- models
-def _load_state(module: torch.nn.Module, state: dict, source: str | Path) -> None:
-    """load_state_dict that turns key and shape mismatches into one-line UserErrors naming the source."""
+def _load_state(module: torch.nn.Module, state: dict, source: str | Path, fresh: tuple[str, ...] = ()) -> None:
+    """load_state_dict that turns key and shape mismatches into one-line UserErrors naming the source; entries under
+    the prefixes `fresh` may be missing from `state` (they keep the module's own values)."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not k.startswith(fresh)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -131,7 +132,7 @@ def _load_state(module: torch.nn.Module, state: dict, source: str | Path) -> Non
         if own[key].shape != value.shape:
             raise UserError(f"{source}: config does not match weights at '{key}': model {tuple(own[key].shape)} vs "
                             f"checkpoint {tuple(value.shape)}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    module.load_state_dict(own | {k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def tokenizer_digest(payload: dict) -> str:
@@ -195,9 +196,16 @@ def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec, dict]:
     return predictor.eval(), codec, defaults | payload["inference"]
 
 
-def load_weights(module: torch.nn.Module, payload: dict, source: str | Path) -> None:
-    """A payload's weights into a model built from the same config (resuming, --init_from)."""
-    _load_state(module, payload["model"], source)
+def load_weights(module: torch.nn.Module, payload: dict, source: str | Path, grown: bool = False) -> list[str]:
+    """A payload's weights into a model built from the same config (resuming, --init_from); returns the names of
+    the parts that start fresh.
+
+    grown (--init_from only): the config may add parts a model can gain without a jump, which start from their own
+    initialisation; so far the token branches' copy prior (its gate starts nearly shut).
+    """
+    fresh = ("token_branches.copy_prior.",) if grown else ()
+    _load_state(module, payload["model"], source, fresh)
+    return sorted({k.rsplit(".", 1)[0] for k in module.state_dict() if k.startswith(fresh) and k not in payload["model"]})
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -454,7 +454,9 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     if resumed:
         stage.resume(resumed, "resumed checkpoint")
     elif initial:
-        checkpoint.load_weights(stage.model, initial, args.init_from)
+        fresh = checkpoint.load_weights(stage.model, initial, args.init_from, grown=True)
+        if fresh and rank == 0:
+            log.info("parts new to %s start from their initialisation: %s", args.init_from, ", ".join(fresh))
     else:
         stage.start(train_set, config)
     stage.wrap()

@@ -119,6 +119,11 @@ class GroupVectorQuantizer(nn.Module):
         frames). The groups are independent, so each group's expectation is taken alone."""
         return torch.cat([q.decode_expected(probs[:, i]) for i, q in enumerate(self.quantizers)], dim=1)
 
+    def group_codes(self) -> torch.Tensor:
+        """Every group's codes where its tokens are chosen: L2-normalised, as the cosine look-up sees them
+        (groups, codebook_size, codebook_dim)."""
+        return torch.stack([F.normalize(q.codebook.weight, dim=-1) for q in self.quantizers])
+
 
 class ResidualVectorQuantizer(nn.Module):
     """Quantise the whole latent, then each residual in turn: stage k refines stages < k (serial)."""
@@ -190,6 +195,10 @@ class SplitVectorQuantizer(nn.Module):
         """probs (batch, groups, frames, codebook_size) -> expected latent (batch, latent_dim, frames)."""
         return torch.cat([torch.matmul(probs[:, g], codes.to(probs.dtype)).transpose(1, 2).to(codes.dtype)
                           for g, codes in enumerate(self.codebooks)], dim=1)
+
+    def group_codes(self) -> torch.Tensor:
+        """Every group's codes where its tokens are chosen (groups, codebook_size, group_dim)."""
+        return self.codebooks
 
     @torch.no_grad()
     def fit(self, latent: torch.Tensor, iterations: int, generator: torch.Generator) -> None:
