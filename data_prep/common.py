@@ -78,7 +78,8 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def remove_stale(root: Path, keep: set[Path], folders: Iterable[str]) -> int:
-    """Delete .wav files under root/<folder> that this run did not produce (e.g. after a split change)."""
+    """Delete .wav files under root/<folder> that this run did not produce (e.g. after a split change or a source
+    left the config), and the folders that leaves empty (a speaker folder of nothing would still be listed)."""
     removed = 0
     for folder in folders:
         base = root / folder
@@ -88,6 +89,9 @@ def remove_stale(root: Path, keep: set[Path], folders: Iterable[str]) -> int:
             if path.resolve() not in keep:
                 path.unlink()
                 removed += 1
+        for directory in sorted((d for d in base.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+            if not any(directory.iterdir()):
+                directory.rmdir()
     return removed
 
 

@@ -337,7 +337,7 @@ def test_speech_sources_assign_speakers_filter_rates_and_split(speech_source: tu
                       "valid/fixture/fr/b.wav": "valid", "train/fixture/sr/c.wav": "train"}
 
 
-def test_speech_sources_decode_to_16k_mono_and_keep_existing_files(speech_source: tuple[dict, Path],
+def test_speech_sources_decode_to_16k_mono_keep_existing_files_and_leave_cleanly(speech_source: tuple[dict, Path],
                                                                    tmp_path: Path) -> None:
     from data_prep.common import run_parallel, set_context
     from data_prep.corpus import _corpus_job, speech_jobs, speech_source_files
@@ -360,6 +360,11 @@ def test_speech_sources_decode_to_16k_mono_and_keep_existing_files(speech_source
     again = run_parallel(_corpus_job, jobs, 1, set_context, (context,))
     assert {rel: ((out / rel).stat().st_ino, (out / rel).stat().st_mtime_ns) for rel in written} == before
     assert [(r.dropped, round(r.seconds, 2)) for r in again] == [(r.dropped, round(r.seconds, 2)) for r in results]
+    # the source leaves the config: a rerun that keeps only another file removes the rest and the folders it empties
+    from data_prep.common import remove_stale
+    assert remove_stale(out, {(out / "train/fixture/sr/c.wav").resolve()}, ("train", "valid")) == 2
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "train", "train/fixture", "train/fixture/sr", "train/fixture/sr/c.wav", "valid"]
 
 
 def test_speech_sources_refuse_a_missing_package_a_bad_rule_and_speech_as_noise(

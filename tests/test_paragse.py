@@ -77,29 +77,36 @@ def test_conformer_convolution_is_the_conv1d_and_batchnorm_its_parameters_descri
         assert torch.allclose(module.batch_norm.running_var, reference_norm.running_var, atol=1e-6)
 
 
-def _token_branches(groups: int, codes: int) -> TokenBranches:
-    """The tiny config's token branches, with non-trivial BatchNorm statistics so that comparisons mean something."""
+def _token_branches(groups: int, codes: int, copy_prior: dict | None = None,
+                    group_codes: torch.Tensor | None = None) -> TokenBranches:
+    """The tiny config's token branches, with non-trivial BatchNorm statistics (and copy-prior gate) so that
+    comparisons mean something."""
     config = load_config(TINY_CONFIG)["enhancer"]
     seed_everything(1)
-    branches = TokenBranches(groups, codes, conformer=config["conformer"], **config["token_branch"]).eval()
+    branches = TokenBranches(groups, codes, conformer=config["conformer"], **config["token_branch"] |
+                             {"copy_prior": copy_prior, "group_codes": group_codes}).eval()
     for module in branches.modules():
         if isinstance(module, torch.nn.BatchNorm1d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
+    if branches.copy_prior is not None:
+        branches.copy_prior.gate.weight.data.normal_(0, 0.1)
     return branches
 
 
-def test_batched_group_branches_equal_a_loop_over_groups() -> None:
+@pytest.mark.parametrize("copy_prior", [None, {"gate_bias": 0.0}])
+def test_batched_group_branches_equal_a_loop_over_groups(copy_prior: dict | None) -> None:
     """Group g of the batched token branches computes exactly what a one-group module with group g's weights (copied
-    out by hand) computes; `select` gives the same slices, sharing the weights."""
+    out by hand) computes; `select` gives the same slices, sharing the weights. With the copy prior too."""
     groups, codes = 4, 64
-    batched = _token_branches(groups, codes)
+    group_codes = torch.randn(groups, codes, 3, generator=torch.Generator().manual_seed(2))
+    batched = _token_branches(groups, codes, copy_prior, group_codes if copy_prior else None)
     condition = torch.randn(2, 30, batched.fuse.weight.shape[-1])
     tokens = torch.randint(0, codes, (2, groups, 30))
     with torch.inference_mode():
         logits = batched(condition, tokens)
         for g in range(groups):
-            single = _token_branches(1, codes)
+            single = _token_branches(1, codes, copy_prior, group_codes[g: g + 1] if copy_prior else None)
             state = {}
             for name, value in batched.state_dict().items():
                 size = single.state_dict()[name].shape[0] if value.dim() else 0
@@ -227,6 +234,27 @@ def test_expected_decoding_sharpens_into_argmax_decoding_and_needs_parallel_grou
     rvq_codec, serial = _system(TINY_SERIAL_CONFIG)
     with pytest.raises(UserError, match="serial baseline"):
         inference.Enhancer(rvq_codec, serial, torch.device("cpu"), 60, 1, decoding="expected")
+
+
+def test_the_copy_prior_starts_nearly_shut_on_a_trained_model_and_copies_when_open(speech: np.ndarray) -> None:
+    """token_branch.copy_prior added to a trained predictor (checkpoint.load_weights(grown=True), as --init_from does)
+    changes its logits by little until it learns to open; wide open, the prediction is the degraded tokens."""
+    config = load_config(TINY_CONFIG)
+    codec, plain = _system()
+    section = copy.deepcopy(config["enhancer"])
+    section["token_branch"]["copy_prior"] = {"gate_bias": -4.0}
+    grown = build_enhancer(section, codec).eval()
+    fresh = checkpoint.load_weights(grown, {"model": plain.state_dict()}, "plain model", grown=True)
+    assert fresh == ["token_branches.copy_prior.gate"]
+    with pytest.raises(UserError, match="missing"):  # anything else missing is still refused
+        checkpoint.load_weights(grown, {"model": plain.state_dict()}, "plain model")
+    padded = codec.pad(torch.from_numpy(speech[:16000])[None])
+    with torch.inference_mode():
+        degraded_tokens = codec.encode(padded)
+        before, after = plain(padded, degraded_tokens), grown(padded, degraded_tokens)
+        assert 0 < (before - after).abs().max() < 0.1
+        torch.nn.init.constant_(grown.token_branches.copy_prior.gate.bias, 10.0)
+        assert torch.equal(grown(padded, degraded_tokens).argmax(-1), degraded_tokens)
 
 
 def test_a_long_recording_stays_within_memory_at_paper_configuration(tmp_path: Path, speech: np.ndarray) -> None:
