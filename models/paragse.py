@@ -106,8 +106,8 @@ class DegradedCodePrior(nn.Module):
     squared), and it starts nearly shut (weights zero, bias `gate_bias`), so a trained model gains it without a
     jump.
 
-    Shapes: hidden (groups, batch, frames, dim), degraded_tokens (groups, batch, frames) -> (groups, batch, frames,
-    codebook_size); group_codes (groups, codebook_size, code_dim).
+    Shapes: hidden (groups, batch, frames, dim), degraded_tokens (groups, batch, frames); group_codes (groups,
+    codebook_size, code_dim).
     """
 
     GATE_RANGE = (-30.0, 15.0)  # log-gate limits: far beyond any useful strength, short of float overflow
@@ -117,21 +117,28 @@ class DegradedCodePrior(nn.Module):
         codes = group_codes.detach().float().clone()
         groups, codebook_size, _ = codes.shape
         spread = torch.stack([torch.cdist(group, group).pow(2).median().clamp(min=1e-12) for group in codes])
+        # -|x - c|^2 = 2 x.c - |c|^2 - |x|^2: [x, 1, |x|^2] times this (code_dim + 2, codebook_size) matrix, so the
+        # whole term is one small matrix product added onto the logits in the same pass.
+        distance_terms = torch.cat([2 * codes, -codes.pow(2).sum(dim=-1, keepdim=True),
+                                    -torch.ones(groups, codebook_size, 1)], dim=-1).transpose(1, 2)
+        self.register_buffer("distance_terms", distance_terms / spread.view(groups, 1, 1), persistent=False)
         self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("code_norms", codes.pow(2).sum(dim=-1).view(groups, 1, 1, codebook_size),
-                             persistent=False)
-        self.register_buffer("inverse_spread", 1 / spread.view(groups, 1, 1, 1), persistent=False)
         self.register_buffer("offsets", (torch.arange(groups) * codebook_size).view(groups, 1, 1), persistent=False)
         self.gate = GroupedLinear(groups, dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, gate_bias)
 
-    def forward(self, hidden: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, degraded_tokens: torch.Tensor, group_logits: torch.Tensor) -> torch.Tensor:
+        """group_logits (groups, batch, frames, codebook_size) -> the same with this term added."""
         degraded = F.embedding(degraded_tokens + self.offsets, self.codes.flatten(0, 1))  # (G, B, F, code_dim)
-        products = torch.matmul(degraded.flatten(1, 2), self.codes.transpose(1, 2)).view(*degraded.shape[:3], -1)
-        squared = (self.code_norms - 2 * products + degraded.pow(2).sum(dim=-1, keepdim=True)).clamp_(min=0)
-        strength = self.gate(hidden).float().clamp(*self.GATE_RANGE).exp()
-        return -(strength * self.inverse_spread) * squared
+        # In float32 even under autocast: at a strong gate the term is large, and the differences between nearby
+        # codes, which are what it is for, would be lost at bfloat16's 8-bit precision.
+        with torch.autocast(hidden.device.type, enabled=False):
+            strength = self.gate(hidden.float()).clamp(*self.GATE_RANGE).exp()
+            features = torch.cat([degraded, torch.ones_like(degraded[..., :1]),
+                                  degraded.pow(2).sum(dim=-1, keepdim=True)], dim=-1) * strength
+            return torch.baddbmm(group_logits.float().flatten(1, 2), features.flatten(1, 2),
+                                 self.distance_terms).view(group_logits.shape)
 
 
 class TokenBranches(nn.Module):
@@ -172,7 +179,7 @@ class TokenBranches(nn.Module):
         x = self.conformers(x + self.lstm(x))
         group_logits = self.logits(x)
         if self.copy_prior is not None:
-            group_logits = group_logits + self.copy_prior(x, degraded_tokens.transpose(0, 1))
+            group_logits = self.copy_prior(x, degraded_tokens.transpose(0, 1), group_logits)
         return group_logits.transpose(0, 1)
 
     def select(self, groups: slice) -> "TokenBranches":
