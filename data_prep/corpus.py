@@ -278,6 +278,15 @@ def source_speaker(entry: dict, rel: Path) -> tuple[str, Path] | None:
     return entry.get("speaker_names", {}).get(raw, raw), rel
 
 
+def high_band_share(path: Path, cutoff_hz: float) -> float:
+    """The share of a file's energy (channels mixed, DC removed) above cutoff_hz, at its native rate; 0 if silent."""
+    audio, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    mono = audio.mean(axis=1)
+    power = np.abs(np.fft.rfft(mono - mono.mean())) ** 2
+    total = power.sum()
+    return float(power[np.fft.rfftfreq(mono.size, 1 / rate) >= cutoff_hz].sum() / total) if total > 0 else 0.0
+
+
 def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Path]], list[Skipped]]:
     """(speech items, skipped files) of every `speech_sources` entry of the config.
 
@@ -289,6 +298,10 @@ def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Pa
     - a rate above speech_max_sample_rate is no recording rate: the klettres files that claim 128 kHz hold nothing
       above ~4 kHz (narrowband audio stored at a made-up rate);
     - a subtype in speech_skip_subtypes (8-bit PCM) carries audible quantisation noise;
+    - less than speech_min_high_band_share of its energy above speech_high_band_hz is a band-limited recording at a
+      wide-band rate (most klettres and ktuberling words hold under 0.1 % above 4 kHz, the corpus's own speech about
+      0.6 %): trained on such targets, the model learnt to leave band-limited input dull (docs/experiments.md,
+      item 23);
     - bytes identical to a file already taken (ktuberling's sr@latin/sr@ijekavian* folders copy sr/, megaglest
       units share sounds) would weigh the same recording twice.
     """
@@ -296,6 +309,7 @@ def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Pa
     skipped: list[Skipped] = []
     seen: dict[str, str] = {}  # content hash -> the file taken
     min_rate, max_rate = corpus_cfg["speech_min_sample_rate"], corpus_cfg["speech_max_sample_rate"]
+    cutoff_hz, min_share = corpus_cfg["speech_high_band_hz"], corpus_cfg["speech_min_high_band_share"]
     for entry in corpus_cfg["speech_sources"]:
         _check_speech_source(entry)
         name = entry["name"]
@@ -328,6 +342,12 @@ def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Pa
                 skipped.append(Skipped(name, str(path), "duplicate"))
                 continue
             seen[digest] = str(path)
+            if min_share > 0:
+                share = high_band_share(path, cutoff_hz)
+                if share < min_share:
+                    skipped.append(Skipped(name, str(path), f"{100 * share:.3f} % of its energy above {cutoff_hz} Hz "
+                                                             f"< {100 * min_share:g} % (band-limited)"))
+                    continue
             speaker = _ascii_path(Path(speaker)).as_posix()
             items.append((path, name, speaker, relative_wav(_ascii_path(below))))
         if len(items) == count:

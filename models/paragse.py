@@ -101,10 +101,12 @@ class DegradedCodePrior(nn.Module):
     against 0.136). This term offers the copy for every code at once: minus each code's squared distance to the
     frame's degraded code (in the space the codec chose its tokens in, in units of the median squared distance
     between two codes of the group) times a gate per group and frame, exp(Linear(hidden)), so that the branch can
-    copy where the input is intact and ignore it where it is not. The gate is exponential because copying needs
-    it about a thousand times stronger than a gentle pull does (codes sit about 1/1,000 of that median apart,
-    squared), and it starts nearly shut (weights zero, bias `gate_bias`), so a trained model gains it without a
-    jump.
+    copy where the input is intact and ignore it where it is not. The gate is exponential because copying needs it
+    hundreds of times stronger than a gentle pull does (a code's nearest neighbour sits about 1/60 of that median
+    away, squared). It starts nearly shut at strength exp(initial_log_strength) (weights zero), so a trained model
+    gains it without a jump, and the Linear's output is multiplied by log_strength_scale: AdamW moves a weight by
+    about the learning rate per step, so at 1e-3 an unscaled log-strength would need thousands of steps to open
+    (measured: 500 steps moved it by 0.04).
 
     Shapes: hidden (groups, batch, frames, dim), degraded_tokens (groups, batch, frames); group_codes (groups,
     codebook_size, code_dim).
@@ -112,7 +114,7 @@ class DegradedCodePrior(nn.Module):
 
     GATE_RANGE = (-30.0, 15.0)  # log-gate limits: far beyond any useful strength, short of float overflow
 
-    def __init__(self, group_codes: torch.Tensor, dim: int, gate_bias: float):
+    def __init__(self, group_codes: torch.Tensor, dim: int, initial_log_strength: float, log_strength_scale: float):
         super().__init__()
         codes = group_codes.detach().float().clone()
         groups, codebook_size, _ = codes.shape
@@ -124,9 +126,10 @@ class DegradedCodePrior(nn.Module):
         self.register_buffer("distance_terms", distance_terms / spread.view(groups, 1, 1), persistent=False)
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("offsets", (torch.arange(groups) * codebook_size).view(groups, 1, 1), persistent=False)
+        self.log_strength_scale = log_strength_scale
         self.gate = GroupedLinear(groups, dim, 1)
         nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, gate_bias)
+        nn.init.constant_(self.gate.bias, initial_log_strength / log_strength_scale)
 
     def forward(self, hidden: torch.Tensor, degraded_tokens: torch.Tensor, group_logits: torch.Tensor) -> torch.Tensor:
         """group_logits (groups, batch, frames, codebook_size) -> the same with this term added."""
@@ -134,7 +137,7 @@ class DegradedCodePrior(nn.Module):
         # In float32 even under autocast: at a strong gate the term is large, and the differences between nearby
         # codes, which are what it is for, would be lost at bfloat16's 8-bit precision.
         with torch.autocast(hidden.device.type, enabled=False):
-            strength = self.gate(hidden.float()).clamp(*self.GATE_RANGE).exp()
+            strength = (self.log_strength_scale * self.gate(hidden.float())).clamp(*self.GATE_RANGE).exp()
             features = torch.cat([degraded, torch.ones_like(degraded[..., :1]),
                                   degraded.pow(2).sum(dim=-1, keepdim=True)], dim=-1) * strength
             return torch.baddbmm(group_logits.float().flatten(1, 2), features.flatten(1, 2),

@@ -294,11 +294,16 @@ def _write_tone(path: Path, seconds: float, rate: int, channels: int = 1, seed: 
 @pytest.fixture()
 def speech_source(tmp_path: Path) -> tuple[dict, Path]:
     """A tiny package tree: language folders (one reader each), a stereo ogg, an 8 kHz file and a 96 kHz one to
-    skip, a byte copy, an 8-bit file, a file excluded by glob, one too short to keep, one outside every folder."""
+    skip, a byte copy, an 8-bit file, a band-limited file, a file excluded by glob, one too short to keep, one outside
+    every folder."""
     root = tmp_path / "pkg"
     _write_tone(root / "de" / "alpha" / "a.wav", 1.0, 44100, seed=1)
     _write_tone(root / "de" / "alpha" / "short.wav", 0.2, 44100, seed=2)
     _write_tone(root / "de" / "noise_x.wav", 1.0, 44100, seed=3)  # excluded by glob
+    dull = tone_speech(1.0, 10)
+    spectrum = np.fft.rfft(dull)
+    spectrum[np.fft.rfftfreq(dull.size, 1 / SR) > 3000] = 0
+    sf.write(root / "de" / "dull.wav", np.fft.irfft(spectrum, dull.size).astype(np.float32), SR)  # band-limited
     _write_tone(root / "fr" / "b.ogg", 1.0, 22050, channels=2, seed=4)  # stereo Vorbis
     _write_tone(root / "fr" / "phone.wav", 1.0, 8000, seed=5)  # telephone band: skipped
     _write_tone(root / "fr" / "fast.wav", 1.0, 96000, seed=6)  # above the maximum rate: skipped
@@ -309,7 +314,8 @@ def speech_source(tmp_path: Path) -> tuple[dict, Path]:
     _write_tone(root / "top.wav", 1.0, 44100, seed=9)  # in no language folder: no speaker
     (root / "de" / "notes.txt").write_text("not audio")
     cfg = {"speech_min_sample_rate": 16000, "speech_max_sample_rate": 48000,
-           "speech_skip_subtypes": ["PCM_U8", "PCM_S8"], "min_seconds": 0.5, "silence_rms_db": -60.0,
+           "speech_skip_subtypes": ["PCM_U8", "PCM_S8"], "speech_high_band_hz": 4000,
+           "speech_min_high_band_share": 0.001, "min_seconds": 0.5, "silence_rms_db": -60.0,
            "valid_speakers": ["fixture/fr"], "test_speakers": ["tuxpaint/sr"],
            "speech_sources": [{"name": "fixture", "package": "fixture-data", "dir": str(root),
                                "include": ["*.wav", "*.ogg"], "exclude": ["*/noise_*"], "speaker_level": 0}]}
@@ -330,6 +336,7 @@ def test_speech_sources_assign_speakers_filter_rates_and_split(speech_source: tu
     assert reasons == {"fr/phone.wav": "sample rate 8000 Hz < 16000 Hz",
                        "fr/fast.wav": "sample rate 96000 Hz > 48000 Hz (not a recording rate)",
                        "fr/eight_bit.wav": "PCM_U8 samples", "sr@latin/c.wav": "duplicate",
+                       "de/dull.wav": "0.000 % of its energy above 4000 Hz < 0.1 % (band-limited)",
                        "top.wav": "no speaker (the speaker rule does not match the path)"}
     splits = {j.dst: j.split for j in speech_jobs(items, cfg)}
     # valid by its pattern; 'sr' is a test speaker of tuxpaint only, so this source's sr reader trains

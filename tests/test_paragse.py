@@ -90,11 +90,11 @@ def _token_branches(groups: int, codes: int, copy_prior: dict | None = None,
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     if branches.copy_prior is not None:
-        branches.copy_prior.gate.weight.data.normal_(0, 0.1)
+        branches.copy_prior.gate.weight.data.normal_(0, 0.01)
     return branches
 
 
-@pytest.mark.parametrize("copy_prior", [None, {"gate_bias": 0.0}])
+@pytest.mark.parametrize("copy_prior", [None, {"initial_log_strength": 0.0, "log_strength_scale": 8.0}])
 def test_batched_group_branches_equal_a_loop_over_groups(copy_prior: dict | None) -> None:
     """Group g of the batched token branches computes exactly what a one-group module with group g's weights (copied
     out by hand) computes; `select` gives the same slices, sharing the weights. With the copy prior too."""
@@ -242,7 +242,7 @@ def test_the_copy_prior_starts_nearly_shut_on_a_trained_model_and_copies_when_op
     config = load_config(TINY_CONFIG)
     codec, plain = _system()
     section = copy.deepcopy(config["enhancer"])
-    section["token_branch"]["copy_prior"] = {"gate_bias": -4.0}
+    section["token_branch"]["copy_prior"] = {"initial_log_strength": -4.0, "log_strength_scale": 8.0}
     grown = build_enhancer(section, codec).eval()
     fresh = checkpoint.load_weights(grown, {"model": plain.state_dict()}, "plain model", grown=True)
     assert fresh == ["token_branches.copy_prior.gate"]
@@ -253,7 +253,7 @@ def test_the_copy_prior_starts_nearly_shut_on_a_trained_model_and_copies_when_op
         degraded_tokens = codec.encode(padded)
         before, after = plain(padded, degraded_tokens), grown(padded, degraded_tokens)
         assert 0 < (before - after).abs().max() < 0.1
-        torch.nn.init.constant_(grown.token_branches.copy_prior.gate.bias, 10.0)
+        torch.nn.init.constant_(grown.token_branches.copy_prior.gate.bias, 1.5)  # strength e^12
         assert torch.equal(grown(padded, degraded_tokens).argmax(-1), degraded_tokens)
 
 
