@@ -103,10 +103,11 @@ class DegradedCodePrior(nn.Module):
     between two codes of the group) times a gate per group and frame, exp(Linear(hidden)), so that the branch can
     copy where the input is intact and ignore it where it is not. The gate is exponential because copying needs it
     hundreds of times stronger than a gentle pull does (a code's nearest neighbour sits about 1/60 of that median
-    away, squared). It starts nearly shut at strength exp(initial_log_strength) (weights zero), so a trained model
-    gains it without a jump, and the Linear's output is multiplied by log_strength_scale: AdamW moves a weight by
-    about the learning rate per step, so at 1e-3 an unscaled log-strength would need thousands of steps to open
-    (measured: 500 steps moved it by 0.04).
+    away, squared). It starts at strength exp(initial_log_strength) everywhere (weights zero), and the Linear's
+    output is multiplied by log_strength_scale: AdamW moves a weight by about the learning rate per step, so at
+    1e-3 an unscaled log-strength would need thousands of steps to move far. A gate that starts nearly shut stays
+    shut on training data, where the branches already copy well (measured: 500 steps from exp(-4) moved it by
+    0.04); it has to start open and learn where to close (docs/experiments.md, item 24).
 
     Shapes: hidden (groups, batch, frames, dim), degraded_tokens (groups, batch, frames); group_codes (groups,
     codebook_size, code_dim).
