@@ -200,12 +200,13 @@ def load_weights(module: torch.nn.Module, payload: dict, source: str | Path, gro
     """A payload's weights into a model built from the same config (resuming, --init_from); returns the names of
     the parts that start fresh.
 
-    grown (--init_from only): the config may add parts a model can gain without a jump, which start from their own
-    initialisation; so far the token branches' copy prior (its gate starts nearly shut).
+    grown (--init_from only): the config may add parts that a trained model can learn to use, which start from their
+    own initialisation; so far the token branches' copy prior (docs/experiments.md, item 24).
     """
     fresh = ("token_branches.copy_prior.",) if grown else ()
     _load_state(module, payload["model"], source, fresh)
-    return sorted({k.rsplit(".", 1)[0] for k in module.state_dict() if k.startswith(fresh) and k not in payload["model"]})
+    new = [k for k in module.state_dict() if k.startswith(fresh) and k not in payload["model"]]
+    return sorted({k.rsplit(".", 1)[0] for k in new})
 
 
 # ----------------------------------------------------------------------------------------------- export
