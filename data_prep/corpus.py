@@ -345,8 +345,9 @@ def speech_source_files(corpus_cfg: dict) -> tuple[list[tuple[Path, str, str, Pa
             if min_share > 0:
                 share = high_band_share(path, cutoff_hz)
                 if share < min_share:
-                    skipped.append(Skipped(name, str(path), f"{100 * share:.3f} % of its energy above {cutoff_hz} Hz "
-                                                             f"< {100 * min_share:g} % (band-limited)"))
+                    # The measured share in parentheses: the summary counts reasons without them.
+                    skipped.append(Skipped(name, str(path), f"less than {100 * min_share:g} % of its energy above "
+                                                             f"{cutoff_hz} Hz (band-limited: {100 * share:.3f} %)"))
                     continue
             speaker = _ascii_path(Path(speaker)).as_posix()
             items.append((path, name, speaker, relative_wav(_ascii_path(below))))

@@ -336,7 +336,7 @@ def test_speech_sources_assign_speakers_filter_rates_and_split(speech_source: tu
     assert reasons == {"fr/phone.wav": "sample rate 8000 Hz < 16000 Hz",
                        "fr/fast.wav": "sample rate 96000 Hz > 48000 Hz (not a recording rate)",
                        "fr/eight_bit.wav": "PCM_U8 samples", "sr@latin/c.wav": "duplicate",
-                       "de/dull.wav": "0.000 % of its energy above 4000 Hz < 0.1 % (band-limited)",
+                       "de/dull.wav": "less than 0.1 % of its energy above 4000 Hz (band-limited: 0.000 %)",
                        "top.wav": "no speaker (the speaker rule does not match the path)"}
     splits = {j.dst: j.split for j in speech_jobs(items, cfg)}
     # valid by its pattern; 'sr' is a test speaker of tuxpaint only, so this source's sr reader trains
