@@ -388,8 +388,8 @@ def entry_files(root: Path, entry: dict, suffixes: tuple[str, ...]) -> list[Path
 
     return [path for path in sorted(root.rglob("*"))
             if path.suffix.lower() in suffixes and path.is_file()
-            and matches(path.relative_to(root).as_posix(), entry["include"])
-            and not matches(path.relative_to(root).as_posix(), entry.get("exclude", []))]
+            and matches(rel := path.relative_to(root).as_posix(), entry["include"])
+            and not matches(rel, entry.get("exclude", []))]
 
 
 def noise_sources(corpus_cfg: dict, tuxpaint_effects: list[Path]) -> dict[str, tuple[Path, list[Path]]]:

@@ -120,8 +120,7 @@ class DegradedCodePrior(nn.Module):
     shut on training data, where the branches already copy well (measured: 500 steps from exp(-4) moved it by
     0.04); it has to start open and learn where to close (docs/experiments.md, item 24).
 
-    Shapes: hidden (groups, batch, frames, dim), degraded_tokens (groups, batch, frames); group_codes (groups,
-    codebook_size, code_dim).
+    Shapes: hidden (groups, batch, frames, dim); group_codes (groups, codebook_size, code_dim).
     """
 
     GATE_RANGE = (-30.0, 15.0)  # log-gate limits: far beyond any useful strength, short of float overflow
@@ -136,16 +135,17 @@ class DegradedCodePrior(nn.Module):
         distance_terms = torch.cat([2 * codes, -codes.pow(2).sum(dim=-1, keepdim=True),
                                     -torch.ones(groups, codebook_size, 1)], dim=-1).transpose(1, 2)
         self.register_buffer("distance_terms", distance_terms / spread.view(groups, 1, 1), persistent=False)
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("offsets", (torch.arange(groups) * codebook_size).view(groups, 1, 1), persistent=False)
+        self.register_buffer("codes", codes.flatten(0, 1), persistent=False)  # group g's code k: row g * size + k
         self.log_strength_scale = log_strength_scale
         self.gate = GroupedLinear(groups, dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, initial_log_strength / log_strength_scale)
 
-    def forward(self, hidden: torch.Tensor, degraded_tokens: torch.Tensor, group_logits: torch.Tensor) -> torch.Tensor:
-        """group_logits (groups, batch, frames, codebook_size) -> the same with this term added."""
-        degraded = F.embedding(degraded_tokens + self.offsets, self.codes.flatten(0, 1))  # (G, B, F, code_dim)
+    def forward(self, hidden: torch.Tensor, degraded_rows: torch.Tensor, group_logits: torch.Tensor) -> torch.Tensor:
+        """degraded_rows (groups, batch, frames): the degraded tokens as rows of all groups' codes (g * size + k),
+        as TokenBranches indexes its embedding table; group_logits (groups, batch, frames, codebook_size) -> the
+        same with this term added."""
+        degraded = F.embedding(degraded_rows, self.codes)  # (G, B, F, code_dim)
         # In float32 even under autocast: at a strong gate the term is large, and the differences between nearby
         # codes, which are what it is for, would be lost at bfloat16's 8-bit precision.
         with torch.autocast(hidden.device.type, enabled=False):
@@ -188,13 +188,14 @@ class TokenBranches(nn.Module):
 
     def forward(self, condition: torch.Tensor, degraded_tokens: torch.Tensor) -> torch.Tensor:
         """condition (batch, frames, dim), degraded_tokens (batch, groups, frames) -> group_logits."""
-        embedded = self.embedding(degraded_tokens.transpose(0, 1) + self.offsets)  # (G, B, F, emb)
+        degraded_rows = degraded_tokens.transpose(0, 1) + self.offsets  # (G, B, F): rows of the per-group tables
+        embedded = self.embedding(degraded_rows)  # (G, B, F, emb)
         shared = condition[None].expand(embedded.shape[0], -1, -1, -1)
         x = self.fuse(torch.cat([embedded, shared], dim=-1))
         x = self.conformers(x + self.lstm(x))
         group_logits = self.logits(x)
         if self.copy_prior is not None:
-            group_logits = self.copy_prior(x, degraded_tokens.transpose(0, 1), group_logits)
+            group_logits = self.copy_prior(x, degraded_rows, group_logits)
         return group_logits.transpose(0, 1)
 
     def select(self, groups: slice) -> "TokenBranches":
