@@ -11,6 +11,7 @@ are in degradations.py; every range and probability comes from the config's "dat
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,13 +20,14 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from degradations import AudioBank, check_degradation_config, degrade, fit_peak, signal_power, simulate_rir_bank
+from degradations import (AudioBank, change_speed, check_degradation_config, degrade, draw_speed_factor, fit_peak,
+                          signal_power, simulate_rir_bank)
 from utils import AudioError, UserError, find_audio_files, load_audio
 
 log = logging.getLogger("paragse.data")
 
 # Separate random streams per item, so that e.g. changing the degradation does not move the crop position.
-_CROP_STREAM, _DEGRADE_STREAM = 0, 1
+_CROP_STREAM, _DEGRADE_STREAM, _SPEED_STREAM = 0, 1, 2
 _INT16_SCALE = 32767.0
 
 
@@ -222,8 +224,9 @@ class CleanSegmentDataset(Dataset):
     def __len__(self) -> int:
         return self._length
 
-    def segment(self, index: int) -> np.ndarray:
-        """The numpy segment of item `index` (see the class docstring for its shape)."""
+    def segment(self, index: int, length: int | None = None) -> np.ndarray:
+        """The numpy segment of item `index` (see the class docstring for its shape); `length` samples instead
+        of segment_length if given (not when segment_length is None: then it is the whole file)."""
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range for {self._length} items")
         rng = np.random.default_rng([self.seed, self.epoch, index, _CROP_STREAM])
@@ -233,7 +236,7 @@ class CleanSegmentDataset(Dataset):
             position = int(rng.integers(0, int(self._cumulative[-1])))
             file_index = int(np.searchsorted(self._cumulative, position, side="right"))
         _, audio = self.store.load_usable(file_index)
-        return crop(audio, self.segment_length, rng)
+        return crop(audio, None if self.segment_length is None else length or self.segment_length, rng)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.segment(index), dtype=np.float32))
@@ -351,6 +354,9 @@ def _warn_unmatched(names: list[str], what: str, root: Path, other: Path) -> Non
 class DegradedDataset(Dataset):
     """Clean speech degraded on the fly (noise / reverb / band-limit / clipping / mixture), for the enhancer.
 
+    With data.degradation.p_speed_change > 0 some clean segments are first played faster or slower (voices of
+    other sizes); the degraded input is made from that changed speech, so the pair stays consistent.
+
     Item: (degraded, clean) float32 tensors (segment_length,), or whole files (T,) when segment_length is None.
     Both are scaled by one gain if either would peak above data.degradation.max_peak. `describe(i)` gives the
     degradation drawn for item i. Without `rir_root` a bank of data.degradation.rir_bank_size RIRs is simulated
@@ -383,12 +389,23 @@ class DegradedDataset(Dataset):
 
     def item(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
         """Numpy (degraded, clean, description) of item `index`."""
-        clean = self.clean.segment(index)
+        speed = draw_speed_factor(np.random.default_rng([self.seed, self.clean.epoch, index, _SPEED_STREAM]),
+                                  self.config)
+        length = self.clean.segment_length
+        if speed == 1.0:
+            clean = self.clean.segment(index)
+        else:
+            # Cut enough source samples that the sped-up (or slowed) speech fills the segment.
+            source = self.clean.segment(index, None if length is None else math.ceil(length * speed) + 1)
+            clean = change_speed(source, speed, self.sample_rate)
+            clean = clean if length is None else window(clean, 0, length)
         rng = np.random.default_rng([self.seed, self.clean.epoch, index, _DEGRADE_STREAM])
         degraded, description = degrade(clean, rng, self.config, self.noise_bank, self.rir_bank,
                                         sample_rate=self.sample_rate)
         degraded, clean, gain = fit_peak(degraded, clean, float(self.config["max_peak"]))
         description["gain"] = round(gain, 5)
+        if speed != 1.0:
+            description["speed"] = round(speed, 4)
         return degraded, clean, description
 
     def describe(self, index: int) -> dict:

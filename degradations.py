@@ -73,6 +73,24 @@ def add_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float, rng: np.rando
     return (clean.astype(np.float64) + gain * segment).astype(np.float32)
 
 
+def change_speed(clean: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
+    """`clean` played `factor` times as fast: tempo and pitch (so formants, a voice's size) move together.
+
+    Returns about len(clean) / factor samples. Training speech is resampled like this to stand for voices of other
+    sizes: the speakers a small corpus lacks.
+    """
+    if factor == 1.0:
+        return clean.astype(np.float32)
+    return soxr.resample(clean.astype(np.float32), sample_rate * factor, sample_rate, quality="HQ")
+
+
+def draw_speed_factor(rng: np.random.Generator, config: dict) -> float:
+    """1.0, or with probability config["p_speed_change"] a factor uniform in config["speed_factor"]."""
+    if float(config["p_speed_change"]) <= 0.0 or rng.random() >= float(config["p_speed_change"]):
+        return 1.0
+    return _uniform(rng, config["speed_factor"])
+
+
 def reverberate(clean: np.ndarray, rir: np.ndarray) -> np.ndarray:
     """clean * rir, the first len(clean) samples, rescaled to the power of `clean`. (T,), (L,) -> (T,)."""
     wet = fftconvolve(clean.astype(np.float64), rir.astype(np.float64))[: clean.size]
@@ -199,11 +217,16 @@ def simulate_rir_bank(count: int, seed: int, config: dict, sample_rate: int) -> 
 
 
 def check_degradation_config(config: dict) -> None:
-    """Refuse probabilities that do not form a distribution over CONDITIONS (one-line UserError)."""
+    """Refuse probabilities that do not form a distribution over CONDITIONS, or a bad speed range (one-line
+    UserError)."""
     probs = [config[f"p_{c}"] for c in CONDITIONS]
     if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
         names = ", ".join(f"p_{c}" for c in CONDITIONS)
         raise UserError(f"data.degradation: {names} must be >= 0 and sum to 1 (they sum to {sum(probs):g})")
+    low, high = (float(f) for f in config["speed_factor"])
+    if not 0.0 <= float(config["p_speed_change"]) <= 1.0 or not 0.0 < low <= high:
+        raise UserError("data.degradation: p_speed_change must be in [0, 1] and speed_factor a range "
+                        f"[low, high] with 0 < low <= high (got {config['p_speed_change']}, {config['speed_factor']})")
 
 
 def degrade(clean: np.ndarray, rng: np.random.Generator, config: dict, noise_bank: AudioBank | None,

@@ -190,6 +190,31 @@ def test_degraded_dataset_is_deterministic(clean_dir: Path, tmp_path: Path) -> N
     assert whole[2][0].shape == whole[2][1].shape == (2 * SR,)
 
 
+def test_speed_change_moves_pitch_and_keeps_pairs_full_length(clean_dir: Path, tmp_path: Path) -> None:
+    t = np.arange(SR) / SR
+    faster = degradations.change_speed(np.sin(2 * np.pi * 200 * t).astype(np.float32), 1.1, SR)
+    assert abs(faster.size - SR / 1.1) <= 2
+    spectrum = np.abs(np.fft.rfft(faster))
+    assert abs(np.fft.rfftfreq(faster.size, 1 / SR)[spectrum.argmax()] - 220) < 2  # a smaller voice
+
+    noise_dir = tmp_path / "noise"
+    save_audio(noise_dir / "hiss.wav", 0.05 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), SR)
+    config = load_config()["data"]
+    plain = dict(config, degradation=dict(config["degradation"], rir_bank_size=2))
+    changed = dict(plain, degradation=dict(plain["degradation"], p_speed_change=1.0, speed_factor=[0.9, 1.1]))
+    a = data.DegradedDataset(clean_dir, noise_dir, None, plain, 8000, seed=4, sample_rate=SR)
+    b = data.DegradedDataset(clean_dir, noise_dir, None, changed, 8000, seed=4, sample_rate=SR)
+    speeds = [b.describe(i)["speed"] for i in range(len(b))]
+    assert all(0.9 <= s <= 1.1 for s in speeds) and "speed" not in a.describe(0)
+    for i in range(len(b)):
+        (da, ca), (db, cb) = a[i], b[i]
+        assert db.shape == cb.shape == (8000,)
+        assert a.describe(i)["condition"] == b.describe(i)["condition"]  # the speed draw has its own stream
+        assert not torch.equal(ca, cb)
+    with pytest.raises(data.UserError, match="speed_factor"):
+        degradations.check_degradation_config(dict(changed["degradation"], speed_factor=[1.1, 0.9]))
+
+
 @pytest.fixture()
 def voicebank(tmp_path: Path) -> Path:
     """A fake VoiceBank+DEMAND tree: 3 good pairs, 1 length mismatch, 1 noisy-only, 1 clean-only."""
