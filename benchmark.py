@@ -2,8 +2,9 @@
 
     python benchmark.py [--config config.json] [--serial_config configs/serial.json] [--threads 2] [--seconds 10]
                         [--repeats 5] [--lengths 5,10,60,600] [--batch_sizes 1,4] [--quantize] [--json out.json]
-                        [--skip_serial]
+                        [--skip_serial] [--precision fp32|bf16]
     python benchmark.py --checkpoint [CKPT] [--peers] [--threads 2] [--seconds 10] [--json out.json]
+                        [--precision fp32|bf16]
 
 ParaGSE is built at --config (the paper's by default) on its group-VQ codec; the serial (UDSE-style) baseline at
 --serial_config, the same codec with a residual VQ. Weights are random (seeded), which is all a
@@ -19,6 +20,10 @@ measured fp32 matrix-multiply rate and the RTF it implies as a lower bound; RTF 
 recording length through the windowed inference.Enhancer (each length in a fresh process, so the peak of one does
 not hide the next); throughput with batches of equal-length clips; and, with --quantize, int8 dynamic quantisation
 of the predictor: its RTF and the fraction of tokens identical to fp32.
+
+--precision bf16 runs every token predictor (ParaGSE's and the serial baseline's) under bfloat16 autocast, as
+inference.py --precision bf16 does; the matmul rate behind the bound is then measured in bfloat16 too, and the JSON
+adds `token_agreement_fp32`, the fraction of the pipeline's tokens identical to float32 on the timed clip.
 
 With --checkpoint (no value: the shipped demo model), a trained enhancer is timed instead, as inference.py runs it
 (its own decoding and windows): "encoder" (codec encoder), "condition" (STFT features and degraded branch),
@@ -74,6 +79,7 @@ SEED = 0
 CPU = torch.device("cpu")
 STAGES = ("stft", "encoder", "stft_encoder", "predictor", "decoder", "total")
 MATMUL_SIZE = 2048
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -107,21 +113,23 @@ class System:
     enhancer: inference.Enhancer
 
 
-def build_system(name: str, config: dict, device: torch.device = CPU, batch_size: int = 1) -> System:
+def build_system(name: str, config: dict, device: torch.device = CPU, batch_size: int = 1,
+                 precision: str = "fp32") -> System:
     """A codec and token predictor with seeded random weights, wrapped in the inference pipeline as inference.py
     runs it (on CPU, independent work as concurrent tasks, cpu_speed); `batch_size` windows of a long recording
     go through the predictor at once."""
     seed_everything(SEED)
     codec = build_codec(config["codec"], config["sample_rate"]).eval().to(device)
     predictor = build_enhancer(config["enhancer"], codec).eval().to(device)
-    return System(name, codec, predictor, make_enhancer(codec, predictor, config, device, batch_size))
+    return System(name, codec, predictor, make_enhancer(codec, predictor, config, device, batch_size, precision))
 
 
 def make_enhancer(codec: Codec, predictor: torch.nn.Module | None, config: dict, device: torch.device = CPU,
-                  batch_size: int = 1) -> inference.Enhancer:
+                  batch_size: int = 1, precision: str = "fp32") -> inference.Enhancer:
     window = config["inference"]
     return inference.Enhancer(codec, predictor, device, window["window_seconds"], window["overlap_seconds"],
-                              batch_size, input_level_db=window["input_level_db"]).parallelize()
+                              batch_size, input_level_db=window["input_level_db"],
+                              precision=precision).parallelize()
 
 
 # ---------------------------------------------------------------------------------------- sizes and FLOPs
@@ -184,11 +192,15 @@ def stage_functions(system: System, wav: torch.Tensor) -> dict[str, Callable[[],
     def stft_encoder() -> object:
         return predictor.features(padded), codec.encode(padded)
 
+    def predict() -> object:
+        with system.enhancer.predictor_precision():
+            return predictor.predict(predictor.branch(features), degraded_tokens).argmax(-1)
+
     return {
         "stft": lambda: predictor.features(padded),
         "encoder": lambda: codec.encode(padded),
         "stft_encoder": stft_encoder,
-        "predictor": lambda: predictor.predict(predictor.branch(features), degraded_tokens).argmax(-1),
+        "predictor": predict,
         "decoder": lambda: codec.decode(tokens, wav.shape[-1]),
         "total": lambda: system.enhancer.enhance_batch(wav),
     }
@@ -212,12 +224,12 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) ->
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def matmul_gflops(threads: int, repeats: int) -> float:
-    """Measured fp32 GFLOP/s of a 2048 x 2048 matrix product at `threads` threads (median of the repeats)."""
+def matmul_gflops(threads: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Measured GFLOP/s of a 2048 x 2048 matrix product in `dtype` at `threads` threads (median of the repeats)."""
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(SEED)
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype)
     seconds = interleaved_medians({"matmul": lambda: a @ b}, max(repeats, 10))["matmul"]
     return 2 * MATMUL_SIZE**3 / seconds / 1e9
 
@@ -227,13 +239,13 @@ def load_average() -> float:
 
 
 # ------------------------------------------------------------------------------------------ length probe
-def length_probe(config: dict, seconds: float, repeats: int) -> dict:
+def length_probe(config: dict, seconds: float, repeats: int, precision: str = "fp32") -> dict:
     """RTF and peak RSS of ParaGSE on one recording of `seconds` through the windowed Enhancer (this process).
 
     Warm-up is one window, so long recordings are not processed twice; recordings up to a minute are timed
     `repeats` times (median), longer ones once. Peak RSS is the process's high-water mark (models included).
     """
-    system = build_system("parallel", config)
+    system = build_system("parallel", config, precision=precision)
     rate = system.codec.sample_rate
     window = system.enhancer.window / rate
     system.enhancer.enhance(benchmark_audio(min(seconds, window), rate))
@@ -269,7 +281,7 @@ def run_length_probes(args: argparse.Namespace) -> list[dict]:
     results = []
     for seconds in args.lengths:
         command = [sys.executable, str(Path(__file__).resolve()), "--_length_probe", str(seconds),
-                   "--threads", str(args.threads), "--repeats", str(args.repeats)]
+                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--precision", args.precision]
         if args.config:
             command += ["--config", str(args.config)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -339,8 +351,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     config = load_config(args.config)
     started_load = load_average()
     names = ["parallel"] + ([] if args.skip_serial else ["serial"])
-    systems = [build_system(name, config if name == "parallel" else load_config(args.serial_config))
-               for name in names]
+    systems = [build_system(name, config if name == "parallel" else load_config(args.serial_config),
+                            precision=args.precision) for name in names]
     parallel = systems[0]
     rate = parallel.codec.sample_rate
     wav = torch.from_numpy(benchmark_audio(args.seconds, rate))[None]
@@ -353,10 +365,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     add_lstm = counter_misses_lstm()
     gflops = {s.name: system_gflops(s, wav, seconds, args.threads, add_lstm) for s in systems}
-    matmul = matmul_gflops(args.threads, args.repeats)
+    matmul = matmul_gflops(args.threads, args.repeats, MATMUL_DTYPES[args.precision])
     rtf = measure_systems(systems, quantized, wav, seconds, args.repeats)
     result: dict = {
         "config": str(args.config or "config.json"), "threads": args.threads, "seconds": seconds,
+        "precision": args.precision,
         "repeats": args.repeats, "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "allocator_keeps_freed_memory": args.allocator_tuned, "lstm_flops_added_analytically": add_lstm,
         "matmul_gflops": matmul,
@@ -377,6 +390,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     else:
         result.update({"params_serial": None, "gflops_per_second_serial": None, "stages_serial": None,
                        "rtf_serial": None, "speedup": None})
+    if args.precision != "fp32":
+        result["token_agreement_fp32"] = token_agreement(build_system("parallel", config), parallel, wav)
     if quantized is not None:
         result.update({"rtf_quantized": rtf["quantized"]["total"],
                        "rtf_quantized_predictor": rtf["quantized"]["predictor"],
@@ -391,11 +406,19 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     """Zero-argument calls for each stage of a trained enhancer's pipeline on `wav` (1, samples)."""
     codec, predictor = enhancer.codec, enhancer.predictor
     audio = wav[0].numpy()
-    with torch.inference_mode():
+    with torch.inference_mode(), enhancer.predictor_precision():
         padded = codec.pad(wav)
         degraded_tokens = codec.encode(padded)
         condition = predictor.condition(padded)
         group_logits = predictor.predict(condition, degraded_tokens)
+
+    def condition_stage() -> torch.Tensor:
+        with enhancer.predictor_precision():
+            return predictor.condition(padded)
+
+    def token_branches() -> torch.Tensor:
+        with enhancer.predictor_precision():
+            return predictor.predict(condition, degraded_tokens)
 
     def decoder() -> torch.Tensor:
         return codec.decode_latent(enhancer.latent(group_logits))
@@ -404,8 +427,8 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
         decoded = decoder()
     return {
         "encoder": lambda: codec.encode(padded),
-        "condition": lambda: predictor.condition(padded),
-        "token_branches": lambda: predictor.predict(condition, degraded_tokens),
+        "condition": condition_stage,
+        "token_branches": token_branches,
         "decoder": decoder,
         "vocoder": lambda: codec.synthesise(decoded, wav.shape[-1]),
         "total": lambda: enhancer.enhance(audio),
@@ -416,7 +439,7 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
     """Stage RTFs of a trained enhancer (and, with --peers, the peers' RTFs) on the same clip, interleaved."""
     torch.set_num_threads(args.threads)
     started_load = load_average()
-    enhancer = inference.Enhancer.load(args.checkpoint, device="cpu").parallelize()
+    enhancer = inference.Enhancer.load(args.checkpoint, device="cpu", precision=args.precision).parallelize()
     wav = torch.from_numpy(benchmark_audio(args.seconds, enhancer.sample_rate))[None]
     seconds = wav.shape[-1] / enhancer.sample_rate
     calls = {f"checkpoint/{stage}": call for stage, call in checkpoint_stage_functions(enhancer, wav).items()}
@@ -431,12 +454,18 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
         calls |= {f"peers/{peer.name}": (lambda peer=peer: peer(audio)) for peer in loaded.values()}
     medians = interleaved_medians(calls, args.repeats)
     stages = {key.split("/")[1]: value / seconds for key, value in medians.items() if key.startswith("checkpoint/")}
+    agreement = None
+    if args.precision != "fp32":
+        reference = inference.Enhancer.load(args.checkpoint, device="cpu").parallelize()
+        with torch.inference_mode():
+            agreement = float((reference.enhance_batch(wav)[1] == enhancer.enhance_batch(wav)[1]).float().mean())
     return {
         "threads": args.threads, "seconds": seconds, "repeats": args.repeats, "torch": torch.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "allocator_keeps_freed_memory": args.allocator_tuned,
         "checkpoint": {"path": str(args.checkpoint), "decoding": enhancer.decoding,
                        "temperature": enhancer.temperature, "codec": type(enhancer.codec).__name__,
-                       "rtf": stages["total"], "stages": stages},
+                       "precision": args.precision, "rtf": stages["total"], "stages": stages,
+                       "token_agreement_fp32": agreement},
         "peers": {key.split("/")[1]: value / seconds for key, value in medians.items() if key.startswith("peers/")},
         "load_average": {"start": started_load, "end": load_average()},
     }
@@ -445,8 +474,11 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
 def checkpoint_report(r: dict) -> str:
     c = r["checkpoint"]
     lines = [f"## Speed of {c['path']} at {r['threads']} threads, {r['seconds']:.1f} s of audio "
-             f"({c['codec']}, {c['decoding']} decoding)", "", "| stage | RTF |", "|---|---:|"]
+             f"({c['codec']}, {c['decoding']} decoding, predictor in {c['precision']})", "", "| stage | RTF |",
+             "|---|---:|"]
     lines += [f"| {stage} | {value:.4f} |" for stage, value in c["stages"].items()]
+    if c["token_agreement_fp32"] is not None:
+        lines.append(f"\n- tokens identical to float32: {100 * c['token_agreement_fp32']:.2f} %")
     if r["peers"]:
         lines += ["", "| peer | RTF |", "|---|---:|"] + [f"| {n} | {v:.4f} |" for n, v in r["peers"].items()]
     lines.append(f"\n- load average (1 min) at start / end: {r['load_average']['start']} / {r['load_average']['end']}")
@@ -459,7 +491,8 @@ def markdown_report(r: dict) -> str:
     systems = [("ParaGSE", "parallel")] + ([("serial", "serial")] if r.get("stages_serial") else [])
     header = "| | " + " | ".join(label for label, _ in systems) + " |"
     rule = "|---|" + "---:|" * len(systems)
-    lines = [f"## Speed at {r['threads']} threads, {r['seconds']:.1f} s of audio (config {r['config']})", "",
+    lines = [f"## Speed at {r['threads']} threads, {r['seconds']:.1f} s of audio (config {r['config']}, predictors "
+             f"in {r['precision']})", "",
              header, rule]
 
     def row(label: str, values: list[str]) -> None:
@@ -476,9 +509,12 @@ def markdown_report(r: dict) -> str:
     if r.get("speedup") is not None:
         lines.append(f"- parallel/serial speed ratio (serial RTF / ParaGSE RTF): **{r['speedup']:.2f}x** "
                      f"(predictor stage alone: {r['speedup_predictor']:.2f}x)")
-    lines += [f"- measured fp32 matmul ({MATMUL_SIZE}^2): {r['matmul_gflops']:.1f} GFLOP/s; implied RTF lower bound "
+    lines += [f"- measured {r['precision']} matmul ({MATMUL_SIZE}^2): {r['matmul_gflops']:.1f} GFLOP/s; implied RTF "
+              "lower bound "
               f"for ParaGSE: {r['rtf_bound']:.4f} (measured {r['rtf_parallel']:.4f}, "
               f"{r['rtf_parallel'] / r['rtf_bound']:.2f}x the bound)"]
+    if r.get("token_agreement_fp32") is not None:
+        lines.append(f"- tokens identical to float32: {100 * r['token_agreement_fp32']:.2f} %")
     if "rtf_quantized" in r:
         lines.append(f"- int8 dynamic quantisation of the predictor: RTF {r['rtf_quantized']:.4f} "
                      f"(predictor {r['rtf_quantized_predictor']:.4f} vs fp32 {r['stages_parallel']['predictor']:.4f}),"
@@ -511,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="recording lengths in seconds for the length scaling")
     p.add_argument("--batch_sizes", type=positive_list(int), default=[1, 4], help="batch sizes for throughput")
     p.add_argument("--quantize", action="store_true", help="also measure int8 dynamic quantisation")
+    p.add_argument("--precision", choices=inference.PRECISIONS, default="fp32",
+                   help="bf16: every token predictor under bfloat16 autocast, the bound from a bfloat16 matmul")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--serial_config", default=REPO_ROOT / "configs" / "serial.json",
                    help="the serial baseline's configuration (default: configs/serial.json, the paper's)")
@@ -524,6 +562,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--threads and --repeats must be at least 1 and --seconds positive")
     if args.peers and args.checkpoint is None:
         p.error("--peers needs --checkpoint (the peers are compared with a trained model)")
+    if args.quantize and args.precision != "fp32":
+        p.error("--quantize times an int8 predictor beside the float one; use it with --precision fp32")
     return args
 
 
@@ -536,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         if args._length_probe is not None:
             torch.set_num_threads(args.threads)
             with torch.inference_mode():
-                print(json.dumps(length_probe(load_config(args.config), args._length_probe, args.repeats)))
+                print(json.dumps(length_probe(load_config(args.config), args._length_probe, args.repeats,
+                                              args.precision)))
             return 0
         result = run_checkpoint_benchmark(args) if args.checkpoint else run_benchmark(args)
     except UserError as e:

@@ -78,10 +78,14 @@ def run_concurrently(tasks: Sequence[Callable[[], T]]) -> list[T]:
     workers = min(len(tasks), torch.get_num_threads())
     if workers <= 1 or torch.is_grad_enabled():
         return [task() for task in tasks]
-    inference = torch.is_inference_mode_enabled()  # grad mode and inference mode are thread-local: carry them over
+    # Grad mode, inference mode and autocast are thread-local: carry them over.
+    inference = torch.is_inference_mode_enabled()
+    autocast = torch.is_autocast_enabled("cpu")
+    autocast_dtype = torch.get_autocast_dtype("cpu")
 
     def call(task: Callable[[], T]) -> T:
-        with torch.inference_mode(inference), torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad(), \
+                torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
             return task()
 
     futures = [_worker_pool(torch.get_num_threads()).submit(call, task) for task in tasks]

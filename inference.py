@@ -9,12 +9,15 @@ Exit code: 0 all done, 1 some files failed, 2 a usage error.
 
 --quantize runs the predictor's Linear/LSTM layers in int8 (dynamic quantisation, CPU only): faster on CPUs with
 int8 dot-product instructions, at the cost of some tokens differing from fp32 (benchmark.py measures both).
+--precision bf16 runs the token predictor under bfloat16 autocast (the codec stays float32): much faster on GPUs
+and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), slower elsewhere; a few tokens differ from float32.
 """
 from __future__ import annotations
 
 import cpu_speed  # first: it sets the OpenMP wait policy before torch loads
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -36,7 +39,20 @@ from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, atomic_wr
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
+PRECISIONS = ("fp32", "bf16")
 DC_NOTE_THRESHOLD = 0.01  # a smaller offset is removed without a note: it is within ordinary recordings' offsets
+
+
+def predictor_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context the token predictor runs in: nothing for "fp32", bfloat16 autocast for "bf16".
+
+    Autocast is per thread: work handed to other threads re-enters it there (cpu_speed.run_concurrently does).
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -56,17 +72,20 @@ class Enhancer:
 
     def __init__(self, codec: Codec, predictor: torch.nn.Module | None, device: torch.device,
                  window_seconds: float, overlap_seconds: float, batch_size: int = 1, decoding: str = "argmax",
-                 temperature: float = 1.0, input_level_db: float | None = None):
+                 temperature: float = 1.0, input_level_db: float | None = None, precision: str = "fp32"):
         """decoding: "argmax" (the paper: the most likely token of every group) or "expected" (the codebook vectors
         averaged under each group's predicted distribution, sharpened by `temperature`; ParaGSE only).
         input_level_db: the active level (dBFS) a recording is brought to before the codec sees it, its DC offset
-        removed; the output gets the input's level back. None: level as given (DC still removed)."""
+        removed; the output gets the input's level back. None: level as given (DC still removed).
+        precision: "fp32", or "bf16" for the token predictor under bfloat16 autocast (see predictor_precision)."""
         check_decoding(decoding, temperature, type(predictor) if predictor is not None else None)
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None
         self.device, self.batch_size = device, batch_size
         self.decoding, self.temperature = decoding, temperature
         self.input_level_db = input_level_db
+        predictor_precision(device, precision)  # refuses an unknown name here, not at the first recording
+        self.precision = precision
         self.sample_rate = codec.sample_rate
         self.frame = codec.samples_per_token
         # How independent tasks of one batch run: in order here; cpu_speed.run_concurrently with `parallelize`.
@@ -81,10 +100,12 @@ class Enhancer:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "auto", codec_only: bool = False,
-             batch_size: int = 1, decoding: str | None = None, temperature: float | None = None) -> "Enhancer":
+             batch_size: int = 1, decoding: str | None = None, temperature: float | None = None,
+             precision: str = "fp32") -> "Enhancer":
         """An enhancer checkpoint (default: the shipped demo model), or a codec alone with `codec_only`.
 
         decoding / temperature: None keeps the checkpoint's defaults (inference.decoding, inference.temperature).
+        precision: "fp32" or "bf16" (the token predictor under bfloat16 autocast).
         """
         device = resolve_device(device) if isinstance(device, str) else device
         if codec_only:
@@ -97,7 +118,7 @@ class Enhancer:
             predictor, codec, defaults = load_enhancer(path or DEFAULT_ENHANCER)
         return cls(codec, predictor, device, defaults["window_seconds"], defaults["overlap_seconds"], batch_size,
                    decoding or defaults["decoding"], defaults["temperature"] if temperature is None else temperature,
-                   defaults["input_level_db"])
+                   defaults["input_level_db"], precision)
 
     def parallelize(self) -> "Enhancer":
         """Run independent work as concurrent single-threaded tasks on CPU (cpu_speed); outputs are unchanged."""
@@ -122,12 +143,20 @@ class Enhancer:
             # independent and of about equal cost: two concurrent single-threaded tasks. The branch's conformers
             # then run on every thread.
             branch = self.predictor.branch
-            degraded_tokens, frames = self.run_tasks([lambda: self.codec.encode(padded),
-                                                      lambda: branch.local(self.predictor.features(padded))])
-            group_logits = self.predictor.predict(branch.context(frames), degraded_tokens)
+
+            def front() -> torch.Tensor:
+                with self.predictor_precision():
+                    return branch.local(self.predictor.features(padded))
+
+            degraded_tokens, frames = self.run_tasks([lambda: self.codec.encode(padded), front])
+            with self.predictor_precision():
+                group_logits = self.predictor.predict(branch.context(frames), degraded_tokens)
             decoded = self.codec.decode_latent(self.latent(group_logits))
             return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
         return self.codec.decode(tokens, segments.shape[-1]), tokens
+
+    def predictor_precision(self) -> contextlib.AbstractContextManager:
+        return predictor_precision(self.device, self.precision)
 
     def latent(self, group_logits: torch.Tensor) -> torch.Tensor:
         """Group logits (batch, groups, frames, codebook_size) -> the quantised latent the codec decodes: the arg-max
@@ -237,6 +266,8 @@ def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
 
 
 SETTINGS_FILE = ".paragse_settings.json"
+# Settings added after output folders were first written: a folder's file without one was made with this value.
+LATER_SETTINGS = {"precision": "fp32"}
 
 
 def record_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
@@ -245,6 +276,7 @@ def record_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
     path = output_dir / SETTINGS_FILE
     if path.is_file() and not overwrite:
         before = json.loads(path.read_text())
+        before = LATER_SETTINGS | before
         changed = [f"{key} {before.get(key)} → {value}" for key, value in settings.items()
                    if before.get(key) != value]
         if changed:
@@ -266,6 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", action="store_true",
                    help="int8 dynamic quantisation of the predictor's Linear/LSTM layers (CPU; slightly different "
                         "tokens, see benchmark.py)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: the token predictor under bfloat16 autocast, faster on GPUs and CPUs with bfloat16 "
+                        "instructions (a few tokens differ; see benchmark.py)")
     p.add_argument("--decoding", choices=("argmax", "expected"),
                    help="argmax: the most likely token per group (the paper); expected: codebook vectors averaged "
                         "under the predicted distributions (default: the checkpoint's inference.decoding)")
@@ -299,7 +334,10 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_outputs(input_dir, output_dir)
     require_writable(output_dir, "--output_dir")
     enhancer = Enhancer.load(checkpoint, device, args.codec_only, args.batch_size, args.decoding,
-                             args.temperature).parallelize()
+                             args.temperature, args.precision).parallelize()
+    if args.precision != "fp32" and (args.codec_only or args.quantize):
+        raise UserError(f"--precision {args.precision} is for the token predictor in floating point; drop "
+                        f"{'--codec_only' if args.codec_only else '--quantize'} or --precision")
     if args.quantize:
         if enhancer.predictor is None:
             raise UserError("--quantize quantises the token predictor; there is none with --codec_only")
@@ -308,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         enhancer.predictor = quantize_predictor(enhancer.predictor)
     record_settings(output_dir, {"checkpoint": str(Path(checkpoint).resolve()), "codec_only": args.codec_only,
                                  "decoding": enhancer.decoding, "temperature": enhancer.temperature,
-                                 "quantize": args.quantize}, args.overwrite)
+                                 "quantize": args.quantize, "precision": args.precision}, args.overwrite)
 
     done = skipped = failed = 0
     audio_seconds = compute_seconds = 0.0

@@ -129,6 +129,46 @@ def test_concurrent_inference_is_bit_identical_to_the_sequential_path(speech):
     assert torch.equal(tokens_1, plain_logits.argmax(-1))  # the pipeline predicts what the model's logits say
 
 
+def test_bf16_predictor_runs_in_bf16_in_every_concurrent_task(speech):
+    """--precision bf16 puts the token predictor under bfloat16 autocast. Autocast is per thread, so the concurrent
+    path must re-enter it in each task: its logits are then those of the sequential bfloat16 path, bit for bit,
+    not float32's, and its tokens are mostly float32's."""
+    codec, model = tiny_system()
+    _nontrivial_norms(model)
+    wav = torch.from_numpy(np.stack([speech[:24000], speech[8000:32000]]))
+    padded = codec.pad(wav)
+    sequential = inference.Enhancer(codec, model, torch.device("cpu"), 60, 1, precision="bf16")
+    fp32 = inference.Enhancer(codec, model, torch.device("cpu"), 60, 1)
+
+    def logits(enhancer):
+        degraded_tokens = codec.encode(padded)
+        with enhancer.predictor_precision():
+            return model.predict(model.condition(padded), degraded_tokens)
+
+    logits_1, (_, tokens_1) = _with_threads(1, lambda: (logits(sequential), sequential.enhance_batch(wav)))
+    logits_fp32, (_, tokens_fp32) = _with_threads(1, lambda: (logits(fp32), fp32.enhance_batch(wav)))
+    concurrent = inference.Enhancer(codec, model, torch.device("cpu"), 60, 1, precision="bf16")
+    _with_threads(2, concurrent.parallelize)
+    logits_2, (_, tokens_2) = _with_threads(2, lambda: (logits(concurrent), concurrent.enhance_batch(wav)))
+    assert torch.equal(logits_1, logits_2) and torch.equal(tokens_1, tokens_2)
+    assert not torch.equal(logits_2, logits_fp32)
+    assert (tokens_1 == tokens_fp32).float().mean() > 0.5
+
+
+def test_inference_precision_flag_enhances_a_folder(tmp_path, speech):
+    codec, model = tiny_system()
+    config = load_config(TINY_CONFIG)
+    checkpoint.save(tmp_path / "paragse.pt", checkpoint.enhancer_payload(model, checkpoint.codec_payload(codec),
+                                                                         config["inference"]))
+    save_audio(tmp_path / "in" / "clip.wav", speech[:20000], 16000)
+    argv = ["--input_dir", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "paragse.pt"), "--device", "cpu",
+            "--output_dir", str(tmp_path / "out")]
+    assert inference.main(argv + ["--precision", "bf16"]) == 0
+    assert load_audio(tmp_path / "out" / "clip.wav", 16000)[0].shape == (20000,)
+    assert inference.main(argv) == 2  # the folder's outputs were made in bf16: not mixed without --overwrite
+    assert inference.main(argv + ["--precision", "bf16", "--quantize"]) == 2
+
+
 def test_serial_predict_is_its_own_argmax_chain(speech):
     """At inference each serial stage conditions on the stages before it as predicted: teacher-forcing the model
     on its own predicted tokens must give the same logits."""
