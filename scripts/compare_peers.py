@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 import evaluate  # noqa: E402
 import peers  # noqa: E402
 from degradations import CONDITIONS  # noqa: E402
-from inference import DEFAULT_ENHANCER, Enhancer  # noqa: E402
+from inference import DEFAULT_ENHANCER, PRECISIONS, Enhancer  # noqa: E402
 from research.codec_copy_synthesis import append_curve_point, checkpoint_position  # noqa: E402
 from utils import (AudioError, UserError, atomic_write, find_audio_files, load_audio, require_dir,  # noqa: E402
                    require_writable, run_command, save_audio)
@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=0, help="clean recordings to take (default: all)")
     p.add_argument("--min_seconds", type=float, default=1.5, help="shortest clean recording taken")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the checkpoints' token predictors in this precision (inference.py --precision)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scoring processes")
     p.add_argument("--no_dnsmos", action="store_true", help="skip DNSMOS (the slowest metric)")
     p.add_argument("--metrics", help="opt-in metrics as evaluate.py --metrics (spk_sim,visqol,wer): a second table")
@@ -146,8 +148,8 @@ def enhance_all(name: str, system, files: list[Path], conditions: dict[str, Path
             "failed": len(failures)}
 
 
-def project_system(checkpoint: Path):
-    enhancer = Enhancer.load(checkpoint, device="cpu").parallelize()  # as inference.py runs it
+def project_system(checkpoint: Path, precision: str = "fp32"):
+    enhancer = Enhancer.load(checkpoint, device="cpu", precision=precision).parallelize()  # as inference.py runs it
     return lambda audio: enhancer(audio, SAMPLE_RATE)[0]
 
 
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                  if args.log_csv}
     peer_names = [n.strip() for n in args.peers.split(",") if n.strip()]
     try:
-        systems = {name: project_system(path) for name, path in args.checkpoints.items()}
+        systems = {name: project_system(path, args.precision) for name, path in args.checkpoints.items()}
         loaded_peers = {p.name: p for p in peers.load_peers(peer_names).values()}
     except (ImportError, ValueError) as e:
         raise UserError(str(e)) from e
