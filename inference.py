@@ -9,7 +9,7 @@ Exit code: 0 all done, 1 some files failed, 2 a usage error.
 
 --quantize runs the predictor's Linear/LSTM layers in int8 (dynamic quantisation, CPU only): faster on CPUs with
 int8 dot-product instructions, at the cost of some tokens differing from fp32 (benchmark.py measures both).
---precision bf16 runs the token predictor under bfloat16 autocast (the codec stays float32): much faster on GPUs
+--precision bf16 runs the token predictor under bfloat16 autocast (the codec stays float32): faster on GPUs
 and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), slower elsewhere; a few tokens differ from float32.
 """
 from __future__ import annotations
