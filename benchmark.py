@@ -325,11 +325,11 @@ def system_gflops(system: System, wav: torch.Tensor, seconds: float, threads: in
     return {stage: value / seconds / 1e9 for stage, value in flops.items()}
 
 
-def token_agreement(reference: System, other: System, wav: torch.Tensor) -> float:
+def token_agreement(reference: inference.Enhancer, other: inference.Enhancer, wav: torch.Tensor) -> float:
     """Fraction of pipeline tokens that `other` predicts identically to `reference` on `wav`."""
     with torch.inference_mode():
-        expected = reference.enhancer.enhance_batch(wav)[1]
-        got = other.enhancer.enhance_batch(wav)[1]
+        expected = reference.enhance_batch(wav)[1]
+        got = other.enhance_batch(wav)[1]
     return float((expected == got).float().mean())
 
 
@@ -391,11 +391,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         result.update({"params_serial": None, "gflops_per_second_serial": None, "stages_serial": None,
                        "rtf_serial": None, "speedup": None})
     if args.precision != "fp32":
-        result["token_agreement_fp32"] = token_agreement(build_system("parallel", config), parallel, wav)
+        result["token_agreement_fp32"] = token_agreement(build_system("parallel", config).enhancer, parallel.enhancer,
+                                                         wav)
     if quantized is not None:
         result.update({"rtf_quantized": rtf["quantized"]["total"],
                        "rtf_quantized_predictor": rtf["quantized"]["predictor"],
-                       "token_agreement": token_agreement(parallel, quantized, wav)})
+                       "token_agreement": token_agreement(parallel.enhancer, quantized.enhancer, wav)})
     result["batch_throughput"] = batch_throughput(parallel, args.seconds, args.batch_sizes, args.repeats)
     result["length_scaling"] = run_length_probes(args)
     result["load_average"] = {"start": started_load, "end": load_average()}
@@ -406,11 +407,12 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     """Zero-argument calls for each stage of a trained enhancer's pipeline on `wav` (1, samples)."""
     codec, predictor = enhancer.codec, enhancer.predictor
     audio = wav[0].numpy()
-    with torch.inference_mode(), enhancer.predictor_precision():
+    with torch.inference_mode():
         padded = codec.pad(wav)
-        degraded_tokens = codec.encode(padded)
-        condition = predictor.condition(padded)
-        group_logits = predictor.predict(condition, degraded_tokens)
+        degraded_tokens = codec.encode(padded)  # float32, as the pipeline runs the codec in any precision
+        with enhancer.predictor_precision():
+            condition = predictor.condition(padded)
+            group_logits = predictor.predict(condition, degraded_tokens)
 
     def condition_stage() -> torch.Tensor:
         with enhancer.predictor_precision():
@@ -456,9 +458,8 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
     stages = {key.split("/")[1]: value / seconds for key, value in medians.items() if key.startswith("checkpoint/")}
     agreement = None
     if args.precision != "fp32":
-        reference = inference.Enhancer.load(args.checkpoint, device="cpu").parallelize()
-        with torch.inference_mode():
-            agreement = float((reference.enhance_batch(wav)[1] == enhancer.enhance_batch(wav)[1]).float().mean())
+        agreement = token_agreement(inference.Enhancer.load(args.checkpoint, device="cpu").parallelize(), enhancer,
+                                    wav)
     return {
         "threads": args.threads, "seconds": seconds, "repeats": args.repeats, "torch": torch.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "allocator_keeps_freed_memory": args.allocator_tuned,
