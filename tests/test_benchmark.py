@@ -16,7 +16,7 @@ import checkpoint
 import cpu_speed
 import inference
 from conftest import EXAMPLES, REPO, TINY_CONFIG
-from models import build_codec, build_enhancer
+from models import Codec, build_codec, build_enhancer
 from models.conformer import GroupedBiLSTM, GroupedLinear
 from models.int8 import QuantizedGroupedBiLSTM, QuantizedGroupedLinear
 from utils import load_audio, load_config, save_audio, seed_everything
@@ -155,18 +155,18 @@ def test_bf16_predictor_runs_in_bf16_in_every_concurrent_task(speech):
     assert (tokens_1 == tokens_fp32).float().mean() > 0.5
 
 
-def _tiny_folder_job(tmp_path, speech) -> list[str]:
-    """A saved tiny ParaGSE and a folder with one clip: inference.py's arguments for them, on CPU."""
+def _tiny_folder_job(tmp_path, speech) -> tuple[list[str], Codec]:
+    """A saved tiny ParaGSE and a folder with one clip: inference.py's arguments for them on CPU, and the codec."""
     codec, model = tiny_system()
     config = load_config(TINY_CONFIG)
     checkpoint.save(tmp_path / "paragse.pt", checkpoint.enhancer_payload(model, checkpoint.codec_payload(codec),
                                                                          config["inference"]))
     save_audio(tmp_path / "in" / "clip.wav", speech[:20000], 16000)
-    return ["--input_dir", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "paragse.pt"), "--device", "cpu"]
+    return ["--input_dir", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "paragse.pt"), "--device", "cpu"], codec
 
 
 def test_inference_precision_flag_enhances_a_folder(tmp_path, speech):
-    argv = _tiny_folder_job(tmp_path, speech) + ["--output_dir", str(tmp_path / "out")]
+    argv = _tiny_folder_job(tmp_path, speech)[0] + ["--output_dir", str(tmp_path / "out")]
     assert inference.main(argv + ["--precision", "bf16"]) == 0
     assert load_audio(tmp_path / "out" / "clip.wav", 16000)[0].shape == (20000,)
     assert inference.main(argv) == 2  # the folder's outputs were made in bf16: not mixed without --overwrite
@@ -202,8 +202,8 @@ def test_split_groups_covers_every_group_once():
 
 
 def test_inference_quantize_flag_enhances_a_folder(tmp_path, speech):
-    codec, _ = tiny_system()
-    argv = _tiny_folder_job(tmp_path, speech) + ["--threads", "2"]
+    argv, codec = _tiny_folder_job(tmp_path, speech)
+    argv += ["--threads", "2"]
     assert inference.main(argv + ["--output_dir", str(tmp_path / "int8"), "--quantize", "--save_tokens"]) == 0
     assert load_audio(tmp_path / "int8" / "clip.wav", 16000)[0].shape == (20000,)
     assert np.load(tmp_path / "int8" / "clip.tokens.npy").shape[0] == codec.num_groups
