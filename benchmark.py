@@ -28,7 +28,8 @@ adds `token_agreement_fp32`, the fraction of the pipeline's tokens identical to 
 With --checkpoint (no value: the shipped demo model), a trained enhancer is timed instead, as inference.py runs it
 (its own decoding and windows): "encoder" (codec encoder), "condition" (STFT features and degraded branch),
 "token_branches" (the group logits), "decoder" (the codec decoder network, from the tokens or the expected codebook
-vectors), "vocoder" (the decoder output to a waveform: Griffin-Lim or the inverse MDCT) and "total" (the windowed
+vectors), "vocoder" (the decoder output to a waveform: Griffin-Lim or the inverse MDCT), "blend" (with the
+checkpoint's inference.blend: the degraded input mixed in, models/input_blend.py) and "total" (the windowed
 pipeline of inference.Enhancer.enhance). --peers times the free enhancers of peers.py on the same audio in the
 same interleaved rounds, so the RTFs compare like with like. The JSON then has `checkpoint` ({"path", "rtf",
 "stages"}) and `peers` ({name: rtf}).
@@ -427,14 +428,17 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
 
     with torch.inference_mode():
         decoded = decoder()
-    return {
+        generated = codec.synthesise(decoded, wav.shape[-1])
+    stages = {
         "encoder": lambda: codec.encode(padded),
         "condition": condition_stage,
         "token_branches": token_branches,
         "decoder": decoder,
         "vocoder": lambda: codec.synthesise(decoded, wav.shape[-1]),
-        "total": lambda: enhancer.enhance(audio),
     }
+    if enhancer.blend is not None:
+        stages["blend"] = lambda: enhancer.blend(padded, decoded, generated)
+    return stages | {"total": lambda: enhancer.enhance(audio)}
 
 
 def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
@@ -465,6 +469,7 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "allocator_keeps_freed_memory": args.allocator_tuned,
         "checkpoint": {"path": str(args.checkpoint), "decoding": enhancer.decoding,
                        "temperature": enhancer.temperature, "codec": type(enhancer.codec).__name__,
+                       "blend": enhancer.blend is not None,
                        "precision": args.precision, "rtf": stages["total"], "stages": stages,
                        "token_agreement_fp32": agreement},
         "peers": {key.split("/")[1]: value / seconds for key, value in medians.items() if key.startswith("peers/")},
@@ -475,7 +480,8 @@ def run_checkpoint_benchmark(args: argparse.Namespace) -> dict:
 def checkpoint_report(r: dict) -> str:
     c = r["checkpoint"]
     lines = [f"## Speed of {c['path']} at {r['threads']} threads, {r['seconds']:.1f} s of audio "
-             f"({c['codec']}, {c['decoding']} decoding, predictor in {c['precision']})", "", "| stage | RTF |",
+             f"({c['codec']}, {c['decoding']} decoding, predictor in {c['precision']}"
+             f"{', blended with the input' if c.get('blend') else ''})", "", "| stage | RTF |",
              "|---|---:|"]
     lines += [f"| {stage} | {value:.4f} |" for stage, value in c["stages"].items()]
     if c["token_agreement_fp32"] is not None:

@@ -28,7 +28,7 @@ from models.codec import Codec, codec_classes
 from utils import UserError, atomic_write, load_config, run_command
 
 FORMAT = 2
-INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "temperature", "input_level_db")
+INFERENCE_DEFAULTS_KEYS = ("window_seconds", "overlap_seconds", "decoding", "temperature", "input_level_db", "blend")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -239,12 +239,13 @@ def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> Non
 
 def export(source: Path, output: Path, half: bool = False, name_codec: Path | None = None,
            decoding: str | None = None, temperature: float | None = None, settings: tuple[str, ...] = (),
-           part_bytes: int | None = None) -> dict:
+           part_bytes: int | None = None, blend: str | None = None) -> dict:
     """Slim copy of a checkpoint for inference: weights (float16 with `half`), configs, history; no training state.
 
     name_codec: store a reference to that codec file (it must give the same tokens as the enhancer's) instead of
-    carrying the codec. decoding / temperature: the enhancer's new inference defaults. settings: 'key=value'
-    changes of a codec's non-tokenizer config (set_codec_setting). part_bytes: see `save`.
+    carrying the codec. decoding / temperature / blend (JSON text: null or {"smoothing_frames": N}): the
+    enhancer's new inference defaults. settings: 'key=value' changes of a codec's non-tokenizer config
+    (set_codec_setting). part_bytes: see `save`.
     """
     payload = load(source)
     if settings and payload["kind"] != "codec":
@@ -270,9 +271,11 @@ def export(source: Path, output: Path, half: bool = False, name_codec: Path | No
             out["codec"] = {k: codec[k] for k in ("format", "kind", "config")} | {"model": _cast(codec["model"], half)}
         inference = dict(out["inference"])
         inference |= {k: v for k, v in (("decoding", decoding), ("temperature", temperature)) if v is not None}
+        if blend is not None:
+            inference["blend"] = parse_blend(blend)
         out["inference"] = inference
-    elif name_codec or decoding or temperature is not None:
-        raise UserError(f"{source}: --name_codec, --decoding and --temperature apply to enhancer checkpoints")
+    elif name_codec or decoding or temperature is not None or blend is not None:
+        raise UserError(f"{source}: --name_codec, --decoding, --temperature and --blend apply to enhancer checkpoints")
     save(output, out, part_bytes)
     return out
 
@@ -289,6 +292,25 @@ def check_decoding(decoding: str, temperature: float, predictor_class: type | No
     if decoding == "expected" and predictor_class is not None and predictor_class is not ENHANCERS["ParaGSE"]:
         raise UserError("decoding by expectation needs ParaGSE's independent group distributions; the serial "
                         "baseline chooses each stage's token given the ones before")
+
+
+def check_blend(blend: dict | None) -> None:
+    """Refuse, in one line, an inference.blend that is neither null nor {"smoothing_frames": N >= 1}."""
+    if blend is None:
+        return
+    frames = blend.get("smoothing_frames") if isinstance(blend, dict) else None
+    if not isinstance(blend, dict) or set(blend) != {"smoothing_frames"} or isinstance(frames, bool) \
+            or not isinstance(frames, int) or frames < 1:
+        raise UserError(f'inference.blend must be null or {{"smoothing_frames": N}} with N >= 1, not {blend!r}')
+
+
+def parse_blend(text: str) -> dict | None:
+    try:
+        blend = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"--blend {text!r}: expected JSON, e.g. null or '{{\"smoothing_frames\": 16}}'") from None
+    check_blend(blend)
+    return blend
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -373,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "codec: it must stay beside the output")
     e.add_argument("--decoding", choices=DECODINGS, help="the enhancer's default decoding")
     e.add_argument("--temperature", type=float, help="the enhancer's default temperature for expected decoding")
+    e.add_argument("--blend", metavar="JSON", help='the enhancer\'s default inference.blend: null (the codec\'s '
+                                                   're-synthesis alone) or \'{"smoothing_frames": 16}\'')
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a codec setting that leaves its tokens and weights alone, e.g. griffin_lim.iterations=14")
     e.add_argument("--part_mib", type=float, help="write a file larger than this many MiB as parts that load() "
@@ -397,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
         if args.part_mib is not None and args.part_mib <= 0:
             raise UserError("--part_mib must be positive")
         out = export(args.checkpoint, args.output, args.half, args.name_codec, args.decoding, args.temperature,
-                     tuple(args.set), None if args.part_mib is None else int(args.part_mib * 2**20))
+                     tuple(args.set), None if args.part_mib is None else int(args.part_mib * 2**20), args.blend)
     written = [args.output] if args.output.is_file() else part_files(args.output)
     print(f"{args.output}: {sum(f.stat().st_size for f in written) / 1e6:.1f} MB in {len(written)} file(s) "
           f"({out['config']['class']}, "

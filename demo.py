@@ -46,6 +46,9 @@ def report(rows_enhanced: list[dict], rows_codec: list[dict], checkpoint: Path, 
     """decoding: the checkpoint's `inference` section (how token distributions became speech)."""
     how = (f"by expectation at temperature {decoding['temperature']:g}" if decoding["decoding"] == "expected"
            else "by arg-max")
+    if decoding.get("blend"):
+        how += (", the output blended with the degraded input where the prediction says it is intact "
+                f"(smoothing over {decoding['blend']['smoothing_frames']} frames; `inference.py --no_blend` skips it)")
     lines = [
         "# ParaGSE demo report",
         "",

@@ -11,6 +11,8 @@ Exit code: 0 all done, 1 some files failed, 2 a usage error.
 int8 dot-product instructions, at the cost of some tokens differing from fp32 (benchmark.py measures both).
 --precision bf16 runs the token predictor under bfloat16 autocast (the codec stays float32): faster on GPUs
 and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), slower elsewhere; a few tokens differ from float32.
+--no_blend writes the codec's re-synthesis alone (the paper's output) for a checkpoint whose inference.blend keeps
+the degraded input where the predicted clean speech says it is intact (models/input_blend.py; the demo model does).
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import check_decoding, load_codec, load_enhancer
+from checkpoint import check_blend, check_decoding, load_codec, load_enhancer
 from models.codec import Codec
+from models.input_blend import input_blend_for
 from models.int8 import quantize_predictor
 from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio,
                    load_config, normalise_level, prepare_audio, require_writable, resolve_device, run_command,
@@ -72,12 +75,15 @@ class Enhancer:
 
     def __init__(self, codec: Codec, predictor: torch.nn.Module | None, device: torch.device,
                  window_seconds: float, overlap_seconds: float, batch_size: int = 1, decoding: str = "argmax",
-                 temperature: float = 1.0, input_level_db: float | None = None, precision: str = "fp32"):
+                 temperature: float = 1.0, input_level_db: float | None = None, precision: str = "fp32",
+                 blend: dict | None = None):
         """decoding: "argmax" (the paper: the most likely token of every group) or "expected" (the codebook vectors
         averaged under each group's predicted distribution, sharpened by `temperature`; ParaGSE only).
         input_level_db: the active level (dBFS) a recording is brought to before the codec sees it, its DC offset
         removed; the output gets the input's level back. None: level as given (DC still removed).
-        precision: "fp32", or "bf16" for the token predictor under bfloat16 autocast (see predictor_precision)."""
+        precision: "fp32", or "bf16" for the token predictor under bfloat16 autocast (see predictor_precision).
+        blend: None (the codec's re-synthesis is the output, as in the paper) or InputBlend's smoothing_frames: the
+        degraded input kept where the predicted log-mel says it is intact (models/input_blend.py; a predictor only)."""
         check_decoding(decoding, temperature, type(predictor) if predictor is not None else None)
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None
@@ -86,6 +92,10 @@ class Enhancer:
         self.input_level_db = input_level_db
         predictor_precision(device, precision)  # refuses an unknown name here, not at the first recording
         self.precision = precision
+        check_blend(blend)
+        self.blend = None
+        if blend is not None and predictor is not None:
+            self.blend = input_blend_for(codec, **blend).to(device)
         self.sample_rate = codec.sample_rate
         self.frame = codec.samples_per_token
         # How independent tasks of one batch run: in order here; cpu_speed.run_concurrently with `parallelize`.
@@ -101,16 +111,17 @@ class Enhancer:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "auto", codec_only: bool = False,
              batch_size: int = 1, decoding: str | None = None, temperature: float | None = None,
-             precision: str = "fp32") -> "Enhancer":
+             precision: str = "fp32", blend: bool = True) -> "Enhancer":
         """An enhancer checkpoint (default: the shipped demo model), or a codec alone with `codec_only`.
 
         decoding / temperature: None keeps the checkpoint's defaults (inference.decoding, inference.temperature).
         precision: "fp32" or "bf16" (the token predictor under bfloat16 autocast).
+        blend: False writes the codec's re-synthesis alone even if the checkpoint's inference.blend is set.
         """
         device = resolve_device(device) if isinstance(device, str) else device
         if codec_only:
             codec, predictor = load_codec(path or DEFAULT_CODEC), None
-            defaults = {"decoding": "argmax", "temperature": 1.0}
+            defaults = {"decoding": "argmax", "temperature": 1.0, "blend": None}
             # A codec stores no inference settings: its windows are the project's defaults.
             defaults |= {k: load_config()["inference"][k] for k in ("window_seconds", "overlap_seconds",
                                                                     "input_level_db")}
@@ -118,7 +129,7 @@ class Enhancer:
             predictor, codec, defaults = load_enhancer(path or DEFAULT_ENHANCER)
         return cls(codec, predictor, device, defaults["window_seconds"], defaults["overlap_seconds"], batch_size,
                    decoding or defaults["decoding"], defaults["temperature"] if temperature is None else temperature,
-                   defaults["input_level_db"], precision)
+                   defaults["input_level_db"], precision, defaults["blend"] if blend else None)
 
     def parallelize(self) -> "Enhancer":
         """Run independent work as concurrent single-threaded tasks on CPU (cpu_speed); outputs are unchanged."""
@@ -152,7 +163,10 @@ class Enhancer:
             with self.predictor_precision():
                 group_logits = self.predictor.predict(branch.context(frames), degraded_tokens)
             decoded = self.codec.decode_latent(self.latent(group_logits))
-            return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
+            enhanced = self.codec.synthesise(decoded, segments.shape[-1])
+            if self.blend is not None:
+                enhanced = self.blend(padded, decoded, enhanced)
+            return enhanced, group_logits.argmax(dim=-1)
         return self.codec.decode(tokens, segments.shape[-1]), tokens
 
     def predictor_precision(self) -> contextlib.AbstractContextManager:
@@ -267,7 +281,7 @@ def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
 
 SETTINGS_FILE = ".paragse_settings.json"
 # Settings added after output folders were first written: a folder's file without one was made with this value.
-LATER_SETTINGS = {"precision": "fp32"}
+LATER_SETTINGS = {"precision": "fp32", "blend": False}
 
 
 def record_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
@@ -306,6 +320,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "under the predicted distributions (default: the checkpoint's inference.decoding)")
     p.add_argument("--temperature", type=float,
                    help="sharpens (<1) the distributions of --decoding expected (default: the checkpoint's)")
+    p.add_argument("--no_blend", action="store_true",
+                   help="the codec's re-synthesis alone (the paper's output), not blended with the degraded input "
+                        "where the checkpoint's inference.blend would keep it")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--save_tokens", action="store_true", help="also write <name>.tokens.npy (groups, frames)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -334,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_outputs(input_dir, output_dir)
     require_writable(output_dir, "--output_dir")
     enhancer = Enhancer.load(checkpoint, device, args.codec_only, args.batch_size, args.decoding,
-                             args.temperature, args.precision).parallelize()
+                             args.temperature, args.precision, not args.no_blend).parallelize()
     if args.precision != "fp32" and (args.codec_only or args.quantize):
         raise UserError(f"--precision {args.precision} is for the token predictor in floating point; drop "
                         f"{'--codec_only' if args.codec_only else '--quantize'} or --precision")
@@ -346,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
         enhancer.predictor = quantize_predictor(enhancer.predictor)
     record_settings(output_dir, {"checkpoint": str(Path(checkpoint).resolve()), "codec_only": args.codec_only,
                                  "decoding": enhancer.decoding, "temperature": enhancer.temperature,
-                                 "quantize": args.quantize, "precision": args.precision}, args.overwrite)
+                                 "quantize": args.quantize, "precision": args.precision,
+                                 "blend": enhancer.blend is not None}, args.overwrite)
 
     done = skipped = failed = 0
     audio_seconds = compute_seconds = 0.0

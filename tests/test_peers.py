@@ -93,7 +93,8 @@ def test_compare_peers_refuses_a_folder_without_conditions(tmp_path: Path) -> No
 
 
 def test_benchmark_times_a_trained_checkpoint_stage_by_stage(tmp_path: Path) -> None:
-    """benchmark.py --checkpoint: the shipped model's stages, the vocoder on its own, and the peers beside it."""
+    """benchmark.py --checkpoint: the shipped model's stages, the vocoder (and the blend with the input, where the
+    model has one) on its own, and the peers beside it."""
     report = tmp_path / "speed.json"
     command = [sys.executable, str(REPO / "benchmark.py"), "--checkpoint", "--seconds", "2", "--repeats", "1",
                "--threads", "1", "--json", str(report)]
@@ -103,7 +104,10 @@ def test_benchmark_times_a_trained_checkpoint_stage_by_stage(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(report.read_text())
     stages = result["checkpoint"]["stages"]
-    assert set(stages) == {"encoder", "condition", "token_branches", "decoder", "vocoder", "total"}
+    blend = checkpoint.load_enhancer(REPO / "pretrained" / "demo_paragse.pt")[2]["blend"] is not None
+    assert result["checkpoint"]["blend"] is blend
+    assert set(stages) == {"encoder", "condition", "token_branches", "decoder", "vocoder", "total"} | (
+        {"blend"} if blend else set())
     assert all(value > 0 for value in stages.values()) and result["checkpoint"]["rtf"] == stages["total"]
     assert result["checkpoint"]["path"].endswith("demo_paragse.pt")
     if with_peers:

@@ -1,0 +1,107 @@
+"""Keep the degraded recording where the predicted clean log-mel says it is intact; the generated speech elsewhere.
+
+Shapes: degraded wav (batch, samples), predicted log-mel (batch, n_mels, frames) with frames = samples / hop + 1,
+generated wav (batch, length <= samples) -> wav (batch, length).
+
+Why: a codec re-synthesises every part of a recording, the intact parts too, and its 80-band log-mel carries no
+harmonic fine structure or phase, which Griffin-Lim has to invent. Where a degraded recording is mostly speech (high
+SNR, the band below a band-limit, much of a clipped recording) the input itself is closer to the clean speech than
+any re-synthesis. So, per mel band and frame, with P the predicted clean band magnitude and D the degraded one
+(both averaged over `smoothing_frames`, so the gains do not flutter from frame to frame):
+    the degraded STFT is scaled by min(1, P / D): where the input is louder than the prediction (noise, reverberant
+        tails) it is brought down to it, keeping its own fine structure and phase, and left alone where it is not;
+    the generated STFT fills what is missing, scaled by sqrt(1 - min(1, D / P)^2): nothing where the input reaches
+        the prediction, all of it where the input is silent (a band-limit), so the two add up to P in energy.
+The predicted magnitude decides both, so an input the model thinks intact comes through unchanged (exactly: the
+STFT is inverted with its own phase), and a band it thinks missing comes from the codec alone.
+Measured in docs/experiments.md, item 26: it raises PESQ and ESTOI of noisy and band-limited input, and lowers ESTOI of
+reverberant input, whose fine structure is itself smeared, and DNSMOS OVRL everywhere but band-limited input (what
+is kept of the input keeps some of its noise and reverberation): a choice for intelligibility and fidelity over
+naturalness, which `inference.py --no_blend` reverses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UserError, istft, stft
+
+
+class InputBlend(nn.Module):
+    """Degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input falls short."""
+
+    def __init__(self, mel_filters: torch.Tensor, log_floor: float, n_fft: int, hop_length: int, win_length: int,
+                 smoothing_frames: int):
+        """mel_filters (n_mels, mel_n_fft // 2 + 1) and log_floor: those of the codec's log-mel (`LogMel`), whose
+        analysis of the degraded input is compared with the prediction; n_fft / hop_length / win_length: the STFT
+        the two signals are mixed in (the codec's Griffin-Lim STFT, whose frames are the log-mel's)."""
+        super().__init__()
+        if smoothing_frames < 1:
+            raise UserError(f"inference.blend.smoothing_frames must be 1 or more, not {smoothing_frames}")
+        self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
+        self.mel_n_fft = 2 * (mel_filters.shape[1] - 1)
+        self.log_floor, self.smoothing_frames = log_floor, smoothing_frames
+        self.register_buffer("mel_filters", mel_filters.float(), persistent=False)
+        self.register_buffer("bin_weights", self.band_weights(mel_filters.float(), n_fft), persistent=False)
+
+    @staticmethod
+    def band_weights(mel_filters: torch.Tensor, n_fft: int) -> torch.Tensor:
+        """(n_mels, n_fft // 2 + 1): how much each band's gain counts at each bin of the mixing STFT (columns sum to
+        one). The filters are read at this FFT's bin frequencies by linear interpolation; a bin that no filter
+        reaches (DC) takes the band whose peak is nearest."""
+        dense_bins = mel_filters.shape[1]
+        position = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (2 * (dense_bins - 1) / n_fft)
+        below = position.floor().long().clamp(max=dense_bins - 2)
+        fraction = (position - below).float()
+        weights = mel_filters[:, below] * (1 - fraction) + mel_filters[:, below + 1] * fraction
+        peaks = mel_filters.argmax(dim=1).double() * (n_fft / (2 * (dense_bins - 1)))  # in this FFT's bins
+        for empty in (weights.sum(dim=0) <= 0).nonzero().flatten().tolist():
+            weights[(peaks - empty).abs().argmin(), empty] = 1.0
+        return weights / weights.sum(dim=0, keepdim=True)
+
+    def band_magnitude(self, spectrum_magnitude: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.mel_filters, spectrum_magnitude).clamp(min=self.log_floor)
+
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """Moving average over `smoothing_frames` frames, centred, same length."""
+        k = self.smoothing_frames
+        if k == 1:
+            return x
+        return F.avg_pool1d(x, k, 1, k // 2, count_include_pad=False)[..., :x.shape[-1]]
+
+    def gains(self, degraded_bands: torch.Tensor, predicted_bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Band magnitudes D and P (batch, n_mels, frames) -> the degraded input's and the generated speech's gains."""
+        ratio = predicted_bands / degraded_bands
+        keep = ratio.clamp(max=1.0)
+        fill = (1.0 - (1.0 / ratio).clamp(max=1.0).square()).sqrt()
+        return keep, fill
+
+    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor,
+                generated_wav: torch.Tensor) -> torch.Tensor:
+        samples, length = degraded_wav.shape[-1], generated_wav.shape[-1]
+        degraded_wav = degraded_wav.float()
+        # The degraded band magnitude as the codec's log-mel measures it (its own, longer FFT), so that P and D
+        # are on one scale.
+        dense = stft(degraded_wav, self.mel_n_fft, self.hop_length, self.win_length).abs()
+        degraded_bands = self.smooth(self.band_magnitude(dense))
+        predicted_bands = self.smooth(predicted_log_mel.float().exp())
+        if degraded_bands.shape != predicted_bands.shape:
+            raise UserError(f"the predicted log-mel has {predicted_bands.shape[-1]} frames but the degraded input "
+                            f"{degraded_bands.shape[-1]}; pass the token-aligned (padded) input")
+        keep, fill = self.gains(degraded_bands, predicted_bands)
+        spec = (self.n_fft, self.hop_length, self.win_length)
+        degraded = stft(degraded_wav, *spec)
+        generated = stft(F.pad(generated_wav.float(), (0, samples - length)), *spec)
+        mixed = degraded * torch.matmul(self.bin_weights.T, keep) + generated * torch.matmul(self.bin_weights.T, fill)
+        return istft(mixed, *spec, samples)[..., :length]
+
+
+def input_blend_for(codec: nn.Module, smoothing_frames: int) -> InputBlend:
+    """The blend for a codec whose decoder predicts its own log-mel and synthesises it by Griffin-Lim (MelCodec)."""
+    log_mel, griffin_lim = getattr(codec, "log_mel", None), getattr(codec, "griffin_lim", None)
+    if log_mel is None or griffin_lim is None:
+        raise UserError(f"inference.blend needs a codec that decodes to a log-mel (MelCodec), not "
+                        f"{type(codec).__name__}; set it to null")
+    return InputBlend(log_mel.filters, log_mel.log_floor, griffin_lim.n_fft, griffin_lim.hop_length,
+                      griffin_lim.win_length, smoothing_frames)
