@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, help="enhancer (default: the shipped demo model)")
     p.add_argument("--files", type=int, default=40)
-    p.add_argument("--min_seconds", type=float, default=1.0)
+    p.add_argument("--min_seconds", type=float, default=1.5, help="as compare_peers.py")
     p.add_argument("--options", nargs="+", default=["none", "1,1,16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dnsmos", action="store_true")
