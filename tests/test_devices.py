@@ -58,6 +58,16 @@ def test_cuda_and_cpu_enhancement_agree(tmp_path, speech):
 
 
 @needs_cuda
+def test_the_shipped_model_blends_with_its_input_on_cuda_as_on_cpu(speech):
+    """The demo pair's whole pipeline on the GPU, its blend with the degraded input included (models/input_blend.py)."""
+    cpu, cuda = (inference.Enhancer.load(device=device) for device in ("cpu", "cuda"))
+    assert cuda.blend is not None and cuda.blend.bin_weights.device.type == "cuda"
+    clip = speech[:48000]
+    on_cpu, on_cuda = cpu.enhance(clip).audio, cuda.enhance(clip).audio
+    assert on_cuda.shape == clip.shape and np.corrcoef(on_cpu, on_cuda)[0, 1] > 0.99
+
+
+@needs_cuda
 def test_enhancer_training_runs_on_cuda_with_mixed_precision_and_pinned_loading(tmp_path, speech):
     """bf16 autocast, pinned batches and the on-the-fly degradation feed a ParaGSE on the GPU; the step counts."""
     save_audio(tmp_path / "data" / "a.wav", speech, 16000)
