@@ -243,7 +243,7 @@ def export(source: Path, output: Path, half: bool = False, name_codec: Path | No
     """Slim copy of a checkpoint for inference: weights (float16 with `half`), configs, history; no training state.
 
     name_codec: store a reference to that codec file (it must give the same tokens as the enhancer's) instead of
-    carrying the codec. decoding / temperature / blend (JSON text: null or {"smoothing_frames": N}): the
+    carrying the codec. decoding / temperature / blend (JSON text: null or as BLEND_EXAMPLE): the
     enhancer's new inference defaults. settings: 'key=value' changes of a codec's non-tokenizer config
     (set_codec_setting). part_bytes: see `save`.
     """
@@ -294,21 +294,29 @@ def check_decoding(decoding: str, temperature: float, predictor_class: type | No
                         "baseline chooses each stage's token given the ones before")
 
 
+BLEND_EXAMPLE = '{"smoothing_frames": 16, "fill_tolerance": 3.0}'
+
+
 def check_blend(blend: dict | None) -> None:
-    """Refuse, in one line, an inference.blend that is neither null nor {"smoothing_frames": N >= 1}."""
+    """Refuse, in one line, an inference.blend that is neither null nor {"smoothing_frames": N >= 1,
+    "fill_tolerance": T >= 1} (models/input_blend.py)."""
     if blend is None:
         return
-    frames = blend.get("smoothing_frames") if isinstance(blend, dict) else None
-    if not isinstance(blend, dict) or set(blend) != {"smoothing_frames"} or isinstance(frames, bool) \
-            or not isinstance(frames, int) or frames < 1:
-        raise UserError(f'inference.blend must be null or {{"smoothing_frames": N}} with N >= 1, not {blend!r}')
+    valid = isinstance(blend, dict) and set(blend) == {"smoothing_frames", "fill_tolerance"}
+    if valid:
+        frames, tolerance = blend["smoothing_frames"], blend["fill_tolerance"]
+        valid = (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1
+                 and isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance >= 1)
+    if not valid:
+        raise UserError(f"inference.blend must be null or like {BLEND_EXAMPLE} (N >= 1 frames, tolerance >= 1), "
+                        f"not {blend!r}")
 
 
 def parse_blend(text: str) -> dict | None:
     try:
         blend = json.loads(text)
     except json.JSONDecodeError:
-        raise UserError(f"--blend {text!r}: expected JSON, e.g. null or '{{\"smoothing_frames\": 16}}'") from None
+        raise UserError(f"--blend {text!r}: expected JSON, e.g. null or '{BLEND_EXAMPLE}'") from None
     check_blend(blend)
     return blend
 
@@ -395,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "codec: it must stay beside the output")
     e.add_argument("--decoding", choices=DECODINGS, help="the enhancer's default decoding")
     e.add_argument("--temperature", type=float, help="the enhancer's default temperature for expected decoding")
-    e.add_argument("--blend", metavar="JSON", help='the enhancer\'s default inference.blend: null (the codec\'s '
-                                                   're-synthesis alone) or \'{"smoothing_frames": 16}\'')
+    e.add_argument("--blend", metavar="JSON", help="the enhancer's default inference.blend: null (the codec's "
+                                                   f"re-synthesis alone) or '{BLEND_EXAMPLE}'")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a codec setting that leaves its tokens and weights alone, e.g. griffin_lim.iterations=14")
     e.add_argument("--part_mib", type=float, help="write a file larger than this many MiB as parts that load() "

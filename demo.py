@@ -48,7 +48,7 @@ def report(rows_enhanced: list[dict], rows_codec: list[dict], checkpoint: Path, 
            else "by arg-max")
     if decoding.get("blend"):
         how += (", the output blended with the degraded input where the prediction says it is intact "
-                f"(smoothing over {decoding['blend']['smoothing_frames']} frames; `inference.py --no_blend` skips it)")
+                f"(inference.blend {decoding['blend']}; `inference.py --no_blend` skips it)")
     lines = [
         "# ParaGSE demo report",
         "",

@@ -82,8 +82,9 @@ class Enhancer:
         input_level_db: the active level (dBFS) a recording is brought to before the codec sees it, its DC offset
         removed; the output gets the input's level back. None: level as given (DC still removed).
         precision: "fp32", or "bf16" for the token predictor under bfloat16 autocast (see predictor_precision).
-        blend: None (the codec's re-synthesis is the output, as in the paper) or InputBlend's smoothing_frames: the
-        degraded input kept where the predicted log-mel says it is intact (models/input_blend.py; a predictor only)."""
+        blend: None (the codec's re-synthesis is the output, as in the paper) or InputBlend's smoothing_frames and
+        fill_tolerance: the degraded input kept where the predicted log-mel says it is intact (models/input_blend.py;
+        a predictor only)."""
         check_decoding(decoding, temperature, type(predictor) if predictor is not None else None)
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None

@@ -10,13 +10,16 @@ any re-synthesis. So, per mel band and frame, with P the predicted clean band ma
 (both averaged over `smoothing_frames`, so the gains do not flutter from frame to frame):
     the degraded STFT is scaled by min(1, P / D): where the input is louder than the prediction (noise, reverberant
         tails) it is brought down to it, keeping its own fine structure and phase, and left alone where it is not;
-    the generated STFT fills what is missing, scaled by sqrt(1 - min(1, D / P)^2): nothing where the input reaches
-        the prediction, all of it where the input is silent (a band-limit), so the two add up to P in energy.
+    the generated STFT fills what is missing, scaled by sqrt(1 - min(1, fill_tolerance * D / P)^2): nothing where
+        the input is within `fill_tolerance` of the prediction, all of it where the input is silent (a band-limit),
+        so that in a band the input lacks the two add up to P in energy. The tolerance keeps the codec's speech out
+        of bands the input has (the prediction is never exact there: adding speech of another phase to intact input
+        cost ESTOI), so it fills only what is missing.
 The predicted magnitude decides both, so an input the model thinks intact comes through unchanged (exactly: the
 STFT is inverted with its own phase), and a band it thinks missing comes from the codec alone.
-Measured in docs/experiments.md, item 26: it raises PESQ and ESTOI of noisy and band-limited input, and lowers ESTOI of
-reverberant input, whose fine structure is itself smeared, and DNSMOS OVRL everywhere but band-limited input (what
-is kept of the input keeps some of its noise and reverberation): a choice for intelligibility and fidelity over
+Measured in docs/experiments.md, item 26: it raises PESQ and ESTOI of noisy, band-limited and clipped input, lowers
+ESTOI of reverberant input, whose fine structure is itself smeared, and lowers DNSMOS OVRL (what is kept of the
+input keeps some of its noise, reverberation and distortion): a choice for intelligibility and fidelity over
 naturalness, which `inference.py --no_blend` reverses.
 """
 from __future__ import annotations
@@ -32,16 +35,19 @@ class InputBlend(nn.Module):
     """Degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input falls short."""
 
     def __init__(self, mel_filters: torch.Tensor, log_floor: float, n_fft: int, hop_length: int, win_length: int,
-                 smoothing_frames: int):
+                 smoothing_frames: int, fill_tolerance: float):
         """mel_filters (n_mels, mel_n_fft // 2 + 1) and log_floor: those of the codec's log-mel (`LogMel`), whose
         analysis of the degraded input is compared with the prediction; n_fft / hop_length / win_length: the STFT
-        the two signals are mixed in (the codec's Griffin-Lim STFT, whose frames are the log-mel's)."""
+        the two signals are mixed in (the codec's Griffin-Lim STFT, whose frames are the log-mel's); smoothing_frames
+        and fill_tolerance (at least 1): see the module's docstring."""
         super().__init__()
         if smoothing_frames < 1:
             raise UserError(f"inference.blend.smoothing_frames must be 1 or more, not {smoothing_frames}")
+        if not fill_tolerance >= 1:
+            raise UserError(f"inference.blend.fill_tolerance must be 1 or more, not {fill_tolerance}")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
         self.mel_n_fft = 2 * (mel_filters.shape[1] - 1)
-        self.log_floor, self.smoothing_frames = log_floor, smoothing_frames
+        self.log_floor, self.smoothing_frames, self.fill_tolerance = log_floor, smoothing_frames, fill_tolerance
         self.register_buffer("mel_filters", mel_filters.float(), persistent=False)
         self.register_buffer("bin_weights", self.band_weights(mel_filters.float(), n_fft), persistent=False)
 
@@ -74,7 +80,7 @@ class InputBlend(nn.Module):
         """Band magnitudes D and P (batch, n_mels, frames) -> the degraded input's and the generated speech's gains."""
         ratio = predicted_bands / degraded_bands
         keep = ratio.clamp(max=1.0)
-        fill = (1.0 - (1.0 / ratio).clamp(max=1.0).square()).sqrt()
+        fill = (1.0 - (self.fill_tolerance / ratio).clamp(max=1.0).square()).sqrt()
         return keep, fill
 
     def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor,
@@ -97,11 +103,11 @@ class InputBlend(nn.Module):
         return istft(mixed, *spec, samples)[..., :length]
 
 
-def input_blend_for(codec: nn.Module, smoothing_frames: int) -> InputBlend:
+def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: float) -> InputBlend:
     """The blend for a codec whose decoder predicts its own log-mel and synthesises it by Griffin-Lim (MelCodec)."""
     log_mel, griffin_lim = getattr(codec, "log_mel", None), getattr(codec, "griffin_lim", None)
     if log_mel is None or griffin_lim is None:
         raise UserError(f"inference.blend needs a codec that decodes to a log-mel (MelCodec), not "
                         f"{type(codec).__name__}; set it to null")
     return InputBlend(log_mel.filters, log_mel.log_floor, griffin_lim.n_fft, griffin_lim.hop_length,
-                      griffin_lim.win_length, smoothing_frames)
+                      griffin_lim.win_length, smoothing_frames, fill_tolerance)

@@ -1,11 +1,13 @@
 """Options for blending the degraded input into the generated speech (models/input_blend.py), scored on a split.
 
     python research/blend_options.py --test_dir data/valid_sets --files 40 --output_dir runs/blend_options \
-        --options none 1,1,1 1,1,8 1,1,16 1,1,32 1,1.25,16 1,0.8,16 0.5,1,16 1.5,1,16 8,1.5,16 8,2,16 16,1.25,16
+        --options none 1,1,1 1,1,8 1,1,16 1,1,32 1,1.25,16 1,0.8,16 0.5,1,16 1.5,1,16 8,1.5,16 8,2,16 16,1.25,16 \
+        1,1,16,0.5 1,1,16,1,1.5 1,1,16,1,2 1,1,16,1,3 1,1,16,1,5 1,1,16,1,10
 
-Each option EXPONENT,TOLERANCE,SMOOTHING_FRAMES generalises the shipped rule: the input's gain per mel band is
-min(1, TOLERANCE * P / D) ** EXPONENT and the generated speech fills sqrt(1 - min(1, gain * D / P) ** 2), P and D the
-predicted and degraded band magnitudes averaged over SMOOTHING_FRAMES; 1,1,N is the shipped InputBlend with
+Each option EXPONENT,TOLERANCE,SMOOTHING_FRAMES[,INPUT_WEIGHT[,FILL_TOLERANCE]] generalises the shipped rule: the
+input's gain per mel band is INPUT_WEIGHT * min(1, TOLERANCE * P / D) ** EXPONENT and the generated speech fills
+sqrt(1 - min(1, FILL_TOLERANCE * gain * D / P) ** 2) (both extra values default to 1), P and D the predicted and
+degraded band magnitudes averaged over SMOOTHING_FRAMES; 1,1,N is the shipped InputBlend with
 smoothing_frames N, and "none" the codec's re-synthesis alone. A steep exponent with a tolerance above 1 keeps the
 input only where it is within the tolerance of the prediction and takes the generated speech elsewhere. Every option
 enhances the same files (compare_peers.py's choice: --files recordings of every condition) with the same model;
@@ -32,24 +34,27 @@ from utils import run_command  # noqa: E402
 
 
 class SteepBlend(InputBlend):
-    """InputBlend with the input's gain min(1, tolerance * P / D) ** exponent (the shipped rule: 1 and 1)."""
+    """InputBlend with the input's gain input_weight * min(1, tolerance * P / D) ** exponent (the shipped rule: all
+    three 1)."""
 
-    def __init__(self, base: InputBlend, exponent: float, tolerance: float):
+    def __init__(self, base: InputBlend, exponent: float, tolerance: float, input_weight: float):
         super().__init__(base.mel_filters, base.log_floor, base.n_fft, base.hop_length, base.win_length,
-                         base.smoothing_frames)
-        self.exponent, self.tolerance = exponent, tolerance
+                         base.smoothing_frames, base.fill_tolerance)
+        self.exponent, self.tolerance, self.input_weight = exponent, tolerance, input_weight
 
     def gains(self, degraded_bands: torch.Tensor, predicted_bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = (self.tolerance * predicted_bands / degraded_bands).clamp(max=1.0) ** self.exponent
-        kept = (keep * degraded_bands / predicted_bands).clamp(max=1.0)
+        keep = self.input_weight * (self.tolerance * predicted_bands / degraded_bands).clamp(max=1.0) ** self.exponent
+        kept = (self.fill_tolerance * keep * degraded_bands / predicted_bands).clamp(max=1.0)
         return keep, (1.0 - kept.square()).clamp(min=0.0).sqrt()
 
 
-def parse_option(text: str) -> tuple[str, tuple[float, float, int] | None]:
+def parse_option(text: str) -> tuple[str, tuple[float, float, int, float, float] | None]:
     if text == "none":
         return "none", None
-    exponent, tolerance, frames = text.split(",")
-    return f"a{exponent}_t{tolerance}_s{frames}", (float(exponent), float(tolerance), int(frames))
+    exponent, tolerance, frames, *more = text.split(",")
+    weight, fill_tolerance = [float(x) for x in more] + [1.0, 1.0][len(more):]
+    name = f"a{exponent}_t{tolerance}_s{frames}" + "".join(f"_{k}{v}" for k, v in zip(("w", "f"), more))
+    return name, (float(exponent), float(tolerance), int(frames), weight, fill_tolerance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             if option is None:
                 enhancer.blend = None
             else:
-                exponent, tolerance, frames = option
-                enhancer.blend = SteepBlend(input_blend_for(enhancer.codec, frames), exponent, tolerance)
+                exponent, tolerance, frames, weight, fill_tolerance = option
+                enhancer.blend = SteepBlend(input_blend_for(enhancer.codec, frames, fill_tolerance), exponent,
+                                            tolerance, weight)
             enhance_all(name, lambda audio: enhancer(audio, 16000)[0], files, conditions, args.output_dir)
             rows = []
             for condition in conditions:

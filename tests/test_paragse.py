@@ -269,7 +269,7 @@ def test_the_input_blend_keeps_what_the_prediction_calls_intact_and_fills_what_i
     band-limited input gets its missing band from the generated speech and keeps its own below the limit; a noisy
     input is brought down to the predicted level, nearer the clean speech than it was."""
     codec = checkpoint.load_codec(REPO / "pretrained" / "demo_codec.pt")
-    blend = input_blend_for(codec, smoothing_frames=16)
+    blend = input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0)
     clean = codec.pad(torch.from_numpy(speech)[None])
     predicted = codec.log_mel(clean)  # what a perfect predictor gives: the clean speech's log-mel
     with torch.inference_mode():
@@ -292,7 +292,7 @@ def test_the_input_blend_keeps_what_the_prediction_calls_intact_and_fills_what_i
         assert (out - clean).pow(2).mean() < 0.5 * (noisy - clean).pow(2).mean()
 
     with pytest.raises(UserError, match="decodes to a log-mel"):
-        input_blend_for(_system()[0], smoothing_frames=16)  # the tiny config's MDCT codec
+        input_blend_for(_system()[0], smoothing_frames=16, fill_tolerance=3.0)  # the tiny config's MDCT codec
 
 
 def test_the_blend_keeps_a_clean_recording_nearer_than_the_codec_alone_and_can_be_turned_off(
@@ -302,7 +302,7 @@ def test_the_blend_keeps_a_clean_recording_nearer_than_the_codec_alone_and_can_b
     from pystoi import stoi
     enhancer_path = tmp_path / "blend.pt"
     checkpoint.main(["export", str(REPO / "pretrained" / "demo_paragse.pt"), str(enhancer_path),
-                     "--name_codec", str(REPO / "pretrained" / "demo_codec.pt"), "--blend", '{"smoothing_frames": 16}'])
+                     "--name_codec", str(REPO / "pretrained" / "demo_codec.pt"), "--blend", checkpoint.BLEND_EXAMPLE])
     (tmp_path / "demo_codec.pt").symlink_to(REPO / "pretrained" / "demo_codec.pt")
     blended = inference.Enhancer.load(enhancer_path, "cpu")
     alone = inference.Enhancer.load(enhancer_path, "cpu", blend=False)
@@ -318,7 +318,7 @@ def test_the_blend_keeps_a_clean_recording_nearer_than_the_codec_alone_and_can_b
     assert json.loads((tmp_path / "out" / inference.SETTINGS_FILE).read_text())["blend"] is False
     assert inference.main(argv) == 2  # the folder holds re-synthesis: blending into it is refused
     with pytest.raises(UserError, match="inference.blend must be null"):
-        checkpoint.export(enhancer_path, tmp_path / "bad.pt", blend='{"smoothing_frames": 0}')
+        checkpoint.export(enhancer_path, tmp_path / "bad.pt", blend='{"smoothing_frames": 0, "fill_tolerance": 3.0}')
 
 
 def test_a_long_recording_stays_within_memory_at_paper_configuration(tmp_path: Path, speech: np.ndarray) -> None:
