@@ -428,7 +428,6 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
 
     with torch.inference_mode():
         decoded = decoder()
-        generated = codec.synthesise(decoded, wav.shape[-1])
     stages = {
         "encoder": lambda: codec.encode(padded),
         "condition": condition_stage,
@@ -437,6 +436,8 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
         "vocoder": lambda: codec.synthesise(decoded, wav.shape[-1]),
     }
     if enhancer.blend is not None:
+        with torch.inference_mode():
+            generated = codec.synthesise(decoded, wav.shape[-1])
         stages["blend"] = lambda: enhancer.blend(padded, decoded, generated)
     return stages | {"total": lambda: enhancer.enhance(audio)}
 

@@ -50,6 +50,15 @@ def integrated_phase(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_l
     return torch.polar(torch.ones_like(phase), phase)
 
 
+def at_fft_bins(dense: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """Rows of a matrix over the bins of a longer FFT (dense_bins, ...) read at the n_fft // 2 + 1 bin frequencies of
+    an FFT of n_fft, by linear interpolation (exact where the sizes divide)."""
+    position = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (2 * (dense.shape[0] - 1) / n_fft)
+    below = position.floor().long().clamp(max=dense.shape[0] - 2)
+    fraction = (position - below).to(dense.dtype).view(-1, *[1] * (dense.dim() - 1))
+    return dense[below] * (1 - fraction) + dense[below + 1] * fraction
+
+
 class MelGriffinLim(nn.Module):
     """Fast Griffin-Lim (Perraudin et al., 2013) from the integrated phase; deterministic (no random start).
 
@@ -87,12 +96,7 @@ class MelGriffinLim(nn.Module):
         between the dense bins (exact where the sizes divide) gives the magnitude the iteration aims at, whose FFT
         can then be as short as the window (the cost).
         """
-        dense = torch.linalg.pinv(mel_filters.double())  # (mel_n_fft // 2 + 1, n_mels)
-        mel_n_fft = 2 * (dense.shape[0] - 1)
-        position = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (mel_n_fft / n_fft)
-        below = position.floor().long().clamp(max=dense.shape[0] - 2)
-        fraction = (position - below)[:, None]
-        return (dense[below] * (1 - fraction) + dense[below + 1] * fraction).float()
+        return at_fft_bins(torch.linalg.pinv(mel_filters.double()), n_fft).float()
 
     def magnitude(self, log_mel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> linear STFT magnitude (batch, n_fft // 2 + 1, frames)."""

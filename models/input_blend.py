@@ -28,46 +28,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.griffin_lim import at_fft_bins
+from models.log_mel import LogMel
 from utils import UserError, istft, stft
 
 
 class InputBlend(nn.Module):
     """Degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input falls short."""
 
-    def __init__(self, mel_filters: torch.Tensor, log_floor: float, n_fft: int, hop_length: int, win_length: int,
-                 smoothing_frames: int, fill_tolerance: float):
-        """mel_filters (n_mels, mel_n_fft // 2 + 1) and log_floor: those of the codec's log-mel (`LogMel`), whose
-        analysis of the degraded input is compared with the prediction; n_fft / hop_length / win_length: the STFT
-        the two signals are mixed in (the codec's Griffin-Lim STFT, whose frames are the log-mel's); smoothing_frames
-        and fill_tolerance (at least 1): see the module's docstring."""
+    def __init__(self, log_mel: LogMel, n_fft: int, hop_length: int, win_length: int, smoothing_frames: int,
+                 fill_tolerance: float):
+        """log_mel: the codec's (`MelCodec.log_mel`), whose analysis of the degraded input is compared with the
+        prediction; n_fft / hop_length / win_length: the STFT the two signals are mixed in (the codec's Griffin-Lim
+        STFT, whose frames are the log-mel's); smoothing_frames and fill_tolerance (at least 1): see the module's
+        docstring."""
         super().__init__()
         if smoothing_frames < 1:
             raise UserError(f"inference.blend.smoothing_frames must be 1 or more, not {smoothing_frames}")
         if not fill_tolerance >= 1:
             raise UserError(f"inference.blend.fill_tolerance must be 1 or more, not {fill_tolerance}")
+        self.log_mel = log_mel
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
-        self.mel_n_fft = 2 * (mel_filters.shape[1] - 1)
-        self.log_floor, self.smoothing_frames, self.fill_tolerance = log_floor, smoothing_frames, fill_tolerance
-        self.register_buffer("mel_filters", mel_filters.float(), persistent=False)
-        self.register_buffer("bin_weights", self.band_weights(mel_filters.float(), n_fft), persistent=False)
+        self.smoothing_frames, self.fill_tolerance = smoothing_frames, fill_tolerance
+        self.register_buffer("bin_weights", self.band_weights(log_mel.filters, n_fft), persistent=False)
 
     @staticmethod
     def band_weights(mel_filters: torch.Tensor, n_fft: int) -> torch.Tensor:
         """(n_mels, n_fft // 2 + 1): how much each band's gain counts at each bin of the mixing STFT (columns sum to
-        one). The filters are read at this FFT's bin frequencies by linear interpolation; a bin that no filter
-        reaches (DC) takes the band whose peak is nearest."""
-        dense_bins = mel_filters.shape[1]
-        position = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (2 * (dense_bins - 1) / n_fft)
-        below = position.floor().long().clamp(max=dense_bins - 2)
-        fraction = (position - below).float()
-        weights = mel_filters[:, below] * (1 - fraction) + mel_filters[:, below + 1] * fraction
-        peaks = mel_filters.argmax(dim=1).double() * (n_fft / (2 * (dense_bins - 1)))  # in this FFT's bins
+        one). The filters are read at this FFT's bin frequencies; a bin that no filter reaches (DC) takes the band
+        whose peak is nearest."""
+        weights = at_fft_bins(mel_filters.double().T, n_fft).T
+        peaks = mel_filters.argmax(dim=1).double() * (n_fft / (2 * (mel_filters.shape[1] - 1)))  # in this FFT's bins
         for empty in (weights.sum(dim=0) <= 0).nonzero().flatten().tolist():
             weights[(peaks - empty).abs().argmin(), empty] = 1.0
-        return weights / weights.sum(dim=0, keepdim=True)
-
-    def band_magnitude(self, spectrum_magnitude: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.mel_filters, spectrum_magnitude).clamp(min=self.log_floor)
+        return (weights / weights.sum(dim=0, keepdim=True)).float()
 
     def smooth(self, x: torch.Tensor) -> torch.Tensor:
         """Moving average over `smoothing_frames` frames, centred, same length."""
@@ -87,10 +81,8 @@ class InputBlend(nn.Module):
                 generated_wav: torch.Tensor) -> torch.Tensor:
         samples, length = degraded_wav.shape[-1], generated_wav.shape[-1]
         degraded_wav = degraded_wav.float()
-        # The degraded band magnitude as the codec's log-mel measures it (its own, longer FFT), so that P and D
-        # are on one scale.
-        dense = stft(degraded_wav, self.mel_n_fft, self.hop_length, self.win_length).abs()
-        degraded_bands = self.smooth(self.band_magnitude(dense))
+        # The degraded band magnitude as the codec's log-mel measures it, so that P and D are on one scale.
+        degraded_bands = self.smooth(self.log_mel(degraded_wav).exp())
         predicted_bands = self.smooth(predicted_log_mel.float().exp())
         if degraded_bands.shape != predicted_bands.shape:
             raise UserError(f"the predicted log-mel has {predicted_bands.shape[-1]} frames but the degraded input "
@@ -109,5 +101,5 @@ def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: flo
     if log_mel is None or griffin_lim is None:
         raise UserError(f"inference.blend needs a codec that decodes to a log-mel (MelCodec), not "
                         f"{type(codec).__name__}; set it to null")
-    return InputBlend(log_mel.filters, log_mel.log_floor, griffin_lim.n_fft, griffin_lim.hop_length,
-                      griffin_lim.win_length, smoothing_frames, fill_tolerance)
+    return InputBlend(log_mel, griffin_lim.n_fft, griffin_lim.hop_length, griffin_lim.win_length, smoothing_frames,
+                      fill_tolerance)

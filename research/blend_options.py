@@ -38,8 +38,8 @@ class SteepBlend(InputBlend):
     three 1)."""
 
     def __init__(self, base: InputBlend, exponent: float, tolerance: float, input_weight: float):
-        super().__init__(base.mel_filters, base.log_floor, base.n_fft, base.hop_length, base.win_length,
-                         base.smoothing_frames, base.fill_tolerance)
+        super().__init__(base.log_mel, base.n_fft, base.hop_length, base.win_length, base.smoothing_frames,
+                         base.fill_tolerance)
         self.exponent, self.tolerance, self.input_weight = exponent, tolerance, input_weight
 
     def gains(self, degraded_bands: torch.Tensor, predicted_bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
