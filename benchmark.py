@@ -26,7 +26,9 @@ inference.py --precision bf16 does; the matmul rate behind the bound is then mea
 adds `token_agreement_fp32`, the fraction of the pipeline's tokens identical to float32 on the timed clip.
 
 With --checkpoint (no value: the shipped demo model), a trained enhancer is timed instead, as inference.py runs it
-(its own decoding and windows): "encoder" (codec encoder), "condition" (STFT features and degraded branch),
+(its own decoding and windows), each stage called as the pipeline calls it: "encoder_and_front" (the codec
+encoder, with the blend's analysis of the input where there is a blend, concurrently with the front of the degraded
+branch: STFT features, convolutions, BiLSTM), "context" (the degraded branch's conformers and projection),
 "token_branches" (the group logits), "decoder" (the codec decoder network, from the tokens or the expected codebook
 vectors), "vocoder" (the decoder output to a waveform: Griffin-Lim or the inverse MDCT), "blend" (with the
 checkpoint's inference.blend: the degraded input mixed in, models/input_blend.py) and "total" (the windowed
@@ -405,19 +407,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """Zero-argument calls for each stage of a trained enhancer's pipeline on `wav` (1, samples)."""
+    """Zero-argument calls for each stage of a trained enhancer's pipeline on `wav` (1, samples), each run as
+    inference.Enhancer.enhance_batch runs it (the same calls, on the same threads)."""
     codec, predictor = enhancer.codec, enhancer.predictor
     audio = wav[0].numpy()
     with torch.inference_mode():
         padded = codec.pad(wav)
-        degraded_tokens = codec.encode(padded)  # float32, as the pipeline runs the codec in any precision
+        degraded_tokens, analysis, frames = enhancer.encode_and_front(padded)
         with enhancer.predictor_precision():
-            condition = predictor.condition(padded)
+            condition = predictor.branch.context(frames)
             group_logits = predictor.predict(condition, degraded_tokens)
 
-    def condition_stage() -> torch.Tensor:
+    def context() -> torch.Tensor:
         with enhancer.predictor_precision():
-            return predictor.condition(padded)
+            return predictor.branch.context(frames)
 
     def token_branches() -> torch.Tensor:
         with enhancer.predictor_precision():
@@ -429,8 +432,8 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     with torch.inference_mode():
         decoded = decoder()
     stages = {
-        "encoder": lambda: codec.encode(padded),
-        "condition": condition_stage,
+        "encoder_and_front": lambda: enhancer.encode_and_front(padded),
+        "context": context,
         "token_branches": token_branches,
         "decoder": decoder,
         "vocoder": lambda: codec.synthesise(decoded, wav.shape[-1]),
@@ -438,7 +441,7 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     if enhancer.blend is not None:
         with torch.inference_mode():
             generated = codec.synthesise(decoded, wav.shape[-1])
-        stages["blend"] = lambda: enhancer.blend(padded, decoded, generated)
+        stages["blend"] = lambda: enhancer.blend(padded, decoded, generated, analysis)
     return stages | {"total": lambda: enhancer.enhance(audio)}
 
 

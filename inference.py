@@ -150,25 +150,38 @@ class Enhancer:
         padded = self.codec.pad(segments)
         if self.predictor is None:
             tokens = self.codec.encode(padded)
-        else:
-            # The codec encoder and the front of the predictor's token-free branch (STFT, convolutions, BiLSTM) are
-            # independent and of about equal cost: two concurrent single-threaded tasks. The branch's conformers
-            # then run on every thread.
-            branch = self.predictor.branch
+            return self.codec.decode(tokens, segments.shape[-1]), tokens
+        degraded_tokens, analysis, frames = self.encode_and_front(padded)
+        with self.predictor_precision():
+            group_logits = self.predictor.predict(self.predictor.branch.context(frames), degraded_tokens)
+        decoded = self.codec.decode_latent(self.latent(group_logits))
+        enhanced = self.codec.synthesise(decoded, segments.shape[-1])
+        if self.blend is not None:
+            enhanced = self.blend(padded, decoded, enhanced, analysis)
+        return enhanced, group_logits.argmax(dim=-1)
 
-            def front() -> torch.Tensor:
-                with self.predictor_precision():
-                    return branch.local(self.predictor.features(padded))
+    def encode_and_front(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple | None, torch.Tensor]:
+        """Token-aligned segments (batch, samples) -> (degraded tokens (batch, groups, frames), the blend's analysis
+        of the input or None, the front of the predictor's token-free branch (1, batch, frames, dim)).
 
-            degraded_tokens, frames = self.run_tasks([lambda: self.codec.encode(padded), front])
+        The codec encoder and the branch's front (STFT, convolutions, BiLSTM) are independent and of about equal
+        cost: two concurrent single-threaded tasks (on one thread a BiLSTM step is far shorter than a barrier between
+        two). The branch's conformers then run on every thread.
+        """
+        def front() -> torch.Tensor:
             with self.predictor_precision():
-                group_logits = self.predictor.predict(branch.context(frames), degraded_tokens)
-            decoded = self.codec.decode_latent(self.latent(group_logits))
-            enhanced = self.codec.synthesise(decoded, segments.shape[-1])
-            if self.blend is not None:
-                enhanced = self.blend(padded, decoded, enhanced)
-            return enhanced, group_logits.argmax(dim=-1)
-        return self.codec.decode(tokens, segments.shape[-1]), tokens
+                return self.predictor.branch.local(self.predictor.features(padded))
+
+        def encode() -> tuple[torch.Tensor, tuple | None]:
+            if self.blend is None:
+                return self.codec.encode(padded), None
+            # The blend measures the input with the codec's own log-mel (a MelCodec's: input_blend_for), which the
+            # encoder computes anyway: once, for both.
+            log_mel = self.codec.log_mel(padded)
+            return self.codec.encode(padded, log_mel), self.blend.analyse(padded, log_mel)
+
+        (degraded_tokens, analysis), frames = self.run_tasks([encode, front])
+        return degraded_tokens, analysis, frames
 
     def predictor_precision(self) -> contextlib.AbstractContextManager:
         return predictor_precision(self.device, self.precision)

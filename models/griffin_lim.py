@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError, istft, stft
+from utils import UserError
 
 
 # The Gaussian whose phase-magnitude relation best matches a Hann window of length L has time spread
@@ -31,23 +31,24 @@ HANN_GAUSSIAN_SPREAD = 0.25645
 
 
 def integrated_phase(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:
-    """A unit phasor (batch, bins, frames) for an STFT magnitude, from the instantaneous frequency its log-magnitude
-    gradient along frequency implies, integrated over frames (trapezoid rule; frame 0 has phase 0).
+    """Phase angles in [0, 2 pi) (batch, frames, bins) for a frame-major STFT magnitude, from the instantaneous frequency its
+    log-magnitude gradient along frequency implies, integrated over frames (trapezoid rule; frame 0 has phase 0).
 
     For a partial at frequency f (cycles per sample), a Gaussian window of spread lambda makes the log-magnitude
     across bins m a parabola with slope -2 pi lambda (m / n_fft - f) / n_fft, so f = m / n_fft + n_fft / (2 pi lambda)
-    * d(log|S|)/dm, and in `stft`'s convention (each frame's DFT relative to its first sample) the phase of bin m
-    advances by 2 pi f hop per frame.
+    * d(log|S|)/dm, and the phase of bin m advances by 2 pi f hop per frame.
     """
     log_magnitude = magnitude.clamp(min=1e-6).log()
     slope = torch.zeros_like(log_magnitude)
-    slope[:, 1:-1] = 0.5 * (log_magnitude[:, 2:] - log_magnitude[:, :-2])
+    slope[..., 1:-1] = 0.5 * (log_magnitude[..., 2:] - log_magnitude[..., :-2])
     spread = HANN_GAUSSIAN_SPREAD * win_length ** 2
-    bins = torch.arange(magnitude.shape[1], device=magnitude.device, dtype=magnitude.dtype)[:, None]
+    bins = torch.arange(magnitude.shape[-1], device=magnitude.device, dtype=magnitude.dtype)
     advance = (2 * math.pi * hop_length / n_fft) * bins + (hop_length * n_fft / spread) * slope
-    phase = torch.cumsum(0.5 * (advance[..., 1:] + advance[..., :-1]), dim=-1)
-    phase = torch.cat([torch.zeros_like(phase[..., :1]), phase], dim=-1)
-    return torch.polar(torch.ones_like(phase), phase)
+    # The sum reaches about 2 pi x bins x hop / n_fft radians per frame (5e5 after 10 s), where float32 resolves
+    # only hundredths of a radian: summed in float64 and wrapped.
+    phase = advance.new_zeros(advance.shape, dtype=torch.float64)
+    torch.cumsum(0.5 * (advance[:, 1:] + advance[:, :-1]), dim=1, dtype=torch.float64, out=phase[:, 1:])
+    return phase.remainder_(2 * math.pi).to(magnitude.dtype)
 
 
 def at_fft_bins(dense: torch.Tensor, n_fft: int) -> torch.Tensor:
@@ -57,6 +58,77 @@ def at_fft_bins(dense: torch.Tensor, n_fft: int) -> torch.Tensor:
     below = position.floor().long().clamp(max=dense.shape[0] - 2)
     fraction = (position - below).to(dense.dtype).view(-1, *[1] * (dense.dim() - 1))
     return dense[below] * (1 - fraction) + dense[below + 1] * fraction
+
+
+class FrameSTFT(nn.Module):
+    """`utils.stft` and `utils.istft` laid out for iterating on a spectrogram: (batch, samples) <-> complex (batch,
+    frames, n_fft // 2 + 1), each frame's DFT taken relative to the first sample of its window instead of the
+    first sample of its zero-padded FFT buffer.
+
+    Why a second layout of the one STFT: Griffin-Lim and the input blend transform back and forth many times, and
+    there `torch.stft`/`torch.istft` spend as long as the FFTs themselves on transposing to bins-major, padding each
+    frame to the FFT length, and recomputing the window envelope on every call. Here the frames stay frame-major
+    (each FFT reads and writes one contiguous row), the overlap-add is the window's few hop-sized blocks added in
+    place, and the envelope is computed once per length. Magnitudes equal `utils.stft`'s; phases differ by a fixed
+    rotation per bin (`rotation`: exp(2 pi i k offset / n_fft) with the window's offset in the FFT buffer), which a
+    magnitude-only iteration and a real gain per bin are both indifferent to, and `inverse` undoes exactly.
+    Only for hops that divide the window (the overlap-add cuts the window into whole hops).
+    """
+
+    def __init__(self, n_fft: int, hop_length: int, win_length: int):
+        super().__init__()
+        if win_length % hop_length or win_length > n_fft:
+            raise UserError(f"the hop ({hop_length}) must divide the window ({win_length}), which the FFT "
+                            f"({n_fft}) must cover")
+        self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
+        offset = (n_fft - win_length) // 2  # where torch.stft puts the window in the FFT buffer
+        self.left = n_fft // 2 - offset  # samples of a centred first frame before the signal starts
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+        bins = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+        self.register_buffer("rotation", torch.polar(torch.ones_like(bins), 2 * math.pi * offset / n_fft * bins)
+                             .to(torch.complex64), persistent=False)
+        self.envelopes: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) -> (batch, samples // hop + 1, bins)."""
+        samples = wav.shape[-1]
+        right = self.win_length - self.left
+        # utils.stft's padding (a reflection needs more samples than half an FFT), of which only the part the
+        # windows reach is built.
+        mode = "reflect" if samples > self.n_fft // 2 else "constant"
+        padded = F.pad(wav[:, None], (self.left, right), mode=mode)[:, 0]
+        frames = padded.unfold(-1, self.win_length, self.hop_length) * self.window
+        return torch.fft.rfft(frames, n=self.n_fft)
+
+    def envelope(self, frames: int, device: torch.device) -> torch.Tensor:
+        """1 / the overlap-added squared window of `frames` frames (cached: an iteration asks for few lengths)."""
+        key = (frames, device)
+        envelope = self.envelopes.get(key)  # one lookup: concurrent chunks may clear the cache meanwhile
+        if envelope is None:
+            squared = self.window.square().expand(1, frames, self.win_length)
+            envelope = 1.0 / self.overlap_add(squared).clamp(min=1e-11)
+            if len(self.envelopes) >= 8:
+                self.envelopes.clear()
+            self.envelopes[key] = envelope
+        return envelope
+
+    def overlap_add(self, frames: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, win) -> (batch, (frames - 1) * hop + win), the frames at hop intervals, summed."""
+        batch, count, _ = frames.shape
+        hop, per_frame = self.hop_length, self.win_length // self.hop_length
+        blocks = frames.reshape(batch, count, per_frame, hop)
+        out = frames.new_zeros(batch, count + per_frame - 1, hop)
+        for k in range(per_frame):
+            out[:, k:k + count] += blocks[:, :, k]
+        return out.view(batch, -1)
+
+    def inverse(self, spectrum: torch.Tensor, length: int) -> torch.Tensor:
+        """(batch, frames, bins) -> (batch, length): utils.istft's least-squares inverse; zeros past the last
+        frame's reach."""
+        frames = torch.fft.irfft(spectrum, n=self.n_fft)[..., :self.win_length] * self.window
+        wav = self.overlap_add(frames) * self.envelope(spectrum.shape[1], spectrum.device)
+        wav = wav[:, self.left:self.left + length]
+        return F.pad(wav, (0, length - wav.shape[-1])) if wav.shape[-1] < length else wav
 
 
 class MelGriffinLim(nn.Module):
@@ -86,6 +158,7 @@ class MelGriffinLim(nn.Module):
         self.run_tasks: Callable[[list[Callable[[], torch.Tensor]]], list[torch.Tensor]] = \
             lambda tasks: [task() for task in tasks]
         self.register_buffer("inverse_filters", self.inverse_filterbank(mel_filters, n_fft), persistent=False)
+        self.frame_stft = FrameSTFT(n_fft, hop_length, win_length)
 
     @staticmethod
     def inverse_filterbank(mel_filters: torch.Tensor, n_fft: int) -> torch.Tensor:
@@ -99,24 +172,25 @@ class MelGriffinLim(nn.Module):
         return at_fft_bins(torch.linalg.pinv(mel_filters.double()), n_fft).float()
 
     def magnitude(self, log_mel: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) -> linear STFT magnitude (batch, n_fft // 2 + 1, frames)."""
-        return torch.matmul(self.inverse_filters, log_mel.float().exp()).clamp_(min=0.0)
+        """(batch, n_mels, frames) -> linear STFT magnitude, frame-major (batch, frames, n_fft // 2 + 1)."""
+        return torch.matmul(log_mel.float().exp().transpose(1, 2), self.inverse_filters.T).clamp_(min=0.0)
 
     def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """Unit phasors (batch, bins, frames) the iteration starts from."""
-        return integrated_phase(magnitude, self.n_fft, self.hop_length, self.win_length)
+        """Unit phasors (batch, frames, bins) the iteration starts from, in `frame_stft`'s convention: the integrated
+        phase, which starts at zero in utils.stft's."""
+        angle = integrated_phase(magnitude, self.n_fft, self.hop_length, self.win_length)
+        return torch.polar(torch.ones_like(angle), angle.add_(self.frame_stft.rotation.angle()))
 
-    def iterate(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
-        """Magnitude and starting phasors (batch, bins, frames) -> wav (batch, (frames - 1) * hop)."""
-        full = (magnitude.shape[-1] - 1) * self.hop_length  # the length whose STFT has exactly these frames
-        spec = (self.n_fft, self.hop_length, self.win_length)
+    def iterate(self, magnitude: torch.Tensor, phase: torch.Tensor, length: int) -> torch.Tensor:
+        """Frame-major magnitude and starting phasors (batch, frames, bins) in `frame_stft`'s convention -> wav
+        (batch, length)."""
         previous = torch.zeros_like(phase)
         for _ in range(self.iterations):
-            rebuilt = stft(istft(magnitude * phase, *spec, full), *spec)
+            rebuilt = self.frame_stft(self.frame_stft.inverse(magnitude * phase, length))
             # lerp with weight 1 + momentum is rebuilt + momentum * (rebuilt - previous), in one pass; sgn is z / |z|
             phase = torch.lerp(previous, rebuilt, 1.0 + self.momentum).sgn_()
             previous = rebuilt
-        return istft(magnitude * phase, *spec, full)
+        return self.frame_stft.inverse(magnitude * phase, length)
 
     def chunks(self, frames: int) -> list[tuple[int, int]]:
         """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames."""
@@ -129,14 +203,14 @@ class MelGriffinLim(nn.Module):
         """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded."""
         magnitude = self.magnitude(log_mel)
         phase = self.initial_phase(magnitude)
-        frames, hop = magnitude.shape[-1], self.hop_length
+        frames, hop = magnitude.shape[1], self.hop_length
         full = (frames - 1) * hop
         spans = self.chunks(frames)
         if len(spans) == 1:
-            wav = self.iterate(magnitude, phase)
+            wav = self.iterate(magnitude, phase, full)
         else:
-            pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[..., a:b].contiguous(),
-                                                                   phase[..., a:b].contiguous()) for a, b in spans])
+            pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[:, a:b], phase[:, a:b], (b - a - 1) * hop)
+                                     for a, b in spans])
             fade = (self.overlap_frames - 1) * hop  # a chunk of n frames gives (n - 1) * hop samples
             ramp = torch.linspace(0, 1, fade + 2, device=magnitude.device)[1:-1]
             wav = magnitude.new_zeros(magnitude.shape[0], full)

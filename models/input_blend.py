@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.griffin_lim import at_fft_bins
+from models.griffin_lim import FrameSTFT, at_fft_bins
 from models.log_mel import LogMel
-from utils import UserError, istft, stft
+from utils import UserError
 
 
 class InputBlend(nn.Module):
@@ -48,7 +48,7 @@ class InputBlend(nn.Module):
         if not fill_tolerance >= 1:
             raise UserError(f"inference.blend.fill_tolerance must be 1 or more, not {fill_tolerance}")
         self.log_mel = log_mel
-        self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
+        self.frame_stft = FrameSTFT(n_fft, hop_length, win_length)
         self.smoothing_frames, self.fill_tolerance = smoothing_frames, fill_tolerance
         self.register_buffer("bin_weights", self.band_weights(log_mel.filters, n_fft), persistent=False)
 
@@ -77,22 +77,31 @@ class InputBlend(nn.Module):
         fill = (1.0 - (self.fill_tolerance / ratio).clamp(max=1.0).square()).sqrt()
         return keep, fill
 
-    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor,
-                generated_wav: torch.Tensor) -> torch.Tensor:
-        samples, length = degraded_wav.shape[-1], generated_wav.shape[-1]
+    def analyse(self, degraded_wav: torch.Tensor, log_mel: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+        """What the blend needs of the degraded input alone: its band magnitudes D as the codec's log-mel measures
+        them, smoothed (batch, n_mels, frames), so that P and D are on one scale, and its frame-major spectrum
+        (batch, frames, bins). log_mel: the codec's log-mel of degraded_wav, if its encoder has just computed it."""
         degraded_wav = degraded_wav.float()
-        # The degraded band magnitude as the codec's log-mel measures it, so that P and D are on one scale.
-        degraded_bands = self.smooth(self.log_mel(degraded_wav).exp())
+        log_mel = self.log_mel(degraded_wav) if log_mel is None else log_mel
+        return self.smooth(log_mel.exp()), self.frame_stft(degraded_wav)
+
+    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor, generated_wav: torch.Tensor,
+                analysis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """analysis: `analyse(degraded_wav)`, if already computed."""
+        samples, length = degraded_wav.shape[-1], generated_wav.shape[-1]
+        degraded_bands, degraded = self.analyse(degraded_wav) if analysis is None else analysis
         predicted_bands = self.smooth(predicted_log_mel.float().exp())
         if degraded_bands.shape != predicted_bands.shape:
             raise UserError(f"the predicted log-mel has {predicted_bands.shape[-1]} frames but the degraded input "
                             f"{degraded_bands.shape[-1]}; pass the token-aligned (padded) input")
         keep, fill = self.gains(degraded_bands, predicted_bands)
-        spec = (self.n_fft, self.hop_length, self.win_length)
-        degraded = stft(degraded_wav, *spec)
-        generated = stft(F.pad(generated_wav.float(), (0, samples - length)), *spec)
-        mixed = degraded * torch.matmul(self.bin_weights.T, keep) + generated * torch.matmul(self.bin_weights.T, fill)
-        return istft(mixed, *spec, samples)[..., :length]
+        # Frame-major spectra (batch, frames, bins); both share FrameSTFT's phase convention and the gains are real,
+        # so the mix is the one utils.stft's spectra would give.
+        generated = self.frame_stft(F.pad(generated_wav.float(), (0, samples - length)))
+        mixed = (degraded * torch.matmul(keep.transpose(1, 2), self.bin_weights)
+                 + generated * torch.matmul(fill.transpose(1, 2), self.bin_weights))
+        return self.frame_stft.inverse(mixed, samples)[..., :length]
 
 
 def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: float) -> InputBlend:

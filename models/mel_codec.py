@@ -69,9 +69,11 @@ class MelCodec(Codec):
         self.decoder = MelDecoder(n_mels, upsample=downsample, **decoder)
         self.griffin_lim = MelGriffinLim(self.log_mel.filters, mel["hop_length"], mel["win_length"], **griffin_lim)
 
-    def latent(self, wav: torch.Tensor) -> torch.Tensor:
-        """Token-aligned wav (batch, samples) -> frame means of the standardised log-mel (batch, n_mels, frames)."""
-        standardised = (self.log_mel(wav) - self.analysis_mean) / self.analysis_std
+    def latent(self, wav: torch.Tensor, log_mel: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-aligned wav (batch, samples) -> frame means of the standardised log-mel (batch, n_mels, frames).
+        log_mel: `self.log_mel(wav)`, if already computed."""
+        log_mel = self.log_mel(wav) if log_mel is None else log_mel
+        standardised = (log_mel - self.analysis_mean) / self.analysis_std
         return F.avg_pool1d(standardised, self.downsample)
 
     def forward(self, wav: torch.Tensor) -> CodecOutput:
@@ -80,8 +82,10 @@ class MelCodec(Codec):
         return CodecOutput(self.decode_latent(self.quantizer.decode(tokens)), self.log_mel(wav), None, tokens, zero,
                            zero)
 
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.encode(self.latent(self.pad(wav)))
+    def encode(self, wav: torch.Tensor, log_mel: torch.Tensor | None = None) -> torch.Tensor:
+        """log_mel: `self.log_mel(wav)` of a token-aligned wav, if already computed (the input blend measures the
+        input with it too)."""
+        return self.quantizer.encode(self.latent(self.pad(wav), log_mel))
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         decoded = self.decoder(latent)

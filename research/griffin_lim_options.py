@@ -33,10 +33,11 @@ from utils import UserError, find_audio_files, load_audio, run_command  # noqa: 
 
 
 class ZeroPhaseGriffinLim(MelGriffinLim):
-    """The iteration as it was before the integrated phase: every bin starts at phase zero."""
+    """The iteration as it was before the integrated phase: every bin starts at phase zero (in utils.stft's
+    convention, which the iteration's FrameSTFT rotates)."""
 
     def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(magnitude, dtype=torch.complex64)
+        return self.frame_stft.rotation.expand(magnitude.shape).clone()
 
 
 def parse_option(text: str) -> tuple[int, int, bool]:

@@ -106,7 +106,7 @@ def test_benchmark_times_a_trained_checkpoint_stage_by_stage(tmp_path: Path) -> 
     stages = result["checkpoint"]["stages"]
     blend = checkpoint.load_enhancer(REPO / "pretrained" / "demo_paragse.pt")[2]["blend"] is not None
     assert result["checkpoint"]["blend"] is blend
-    assert set(stages) == {"encoder", "condition", "token_branches", "decoder", "vocoder", "total"} | (
+    assert set(stages) == {"encoder_and_front", "context", "token_branches", "decoder", "vocoder", "total"} | (
         {"blend"} if blend else set())
     assert all(value > 0 for value in stages.values()) and result["checkpoint"]["rtf"] == stages["total"]
     assert result["checkpoint"]["path"].endswith("demo_paragse.pt")
