@@ -438,10 +438,20 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
         "decoder": decoder,
         "vocoder": lambda: codec.synthesise(decoded, wav.shape[-1]),
     }
-    if enhancer.blend is not None:
+    blend = enhancer.blend
+    if blend is not None:
         with torch.inference_mode():
-            generated = codec.synthesise(decoded, wav.shape[-1])
-        stages["blend"] = lambda: enhancer.blend(padded, decoded, generated, analysis)
+            keep, fill = blend.band_gains(decoded, analysis)
+            needed = blend.needed_frames(fill)
+            generated = codec.griffin_lim(decoded, wav.shape[-1], needed)
+
+        def blend_stage() -> torch.Tensor:
+            keep, fill = blend.band_gains(decoded, analysis)
+            return blend.mix(analysis, keep, fill, generated, padded.shape[-1])
+
+        # As the pipeline runs it: only the chunks the blend takes some of.
+        stages["vocoder"] = lambda: codec.griffin_lim(decoded, wav.shape[-1], needed)
+        stages["blend"] = blend_stage
     return stages | {"total": lambda: enhancer.enhance(audio)}
 
 

@@ -155,10 +155,12 @@ class Enhancer:
         with self.predictor_precision():
             group_logits = self.predictor.predict(self.predictor.branch.context(frames), degraded_tokens)
         decoded = self.codec.decode_latent(self.latent(group_logits))
-        enhanced = self.codec.synthesise(decoded, segments.shape[-1])
-        if self.blend is not None:
-            enhanced = self.blend(padded, decoded, enhanced, analysis)
-        return enhanced, group_logits.argmax(dim=-1)
+        if self.blend is None:
+            return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
+        keep, fill = self.blend.band_gains(decoded, analysis)
+        # Griffin-Lim (a MelCodec's: input_blend_for) only where the blend takes some of its output.
+        generated = self.codec.griffin_lim(decoded, segments.shape[-1], self.blend.needed_frames(fill))
+        return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1]), group_logits.argmax(dim=-1)
 
     def encode_and_front(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple | None, torch.Tensor]:
         """Token-aligned segments (batch, samples) -> (degraded tokens (batch, groups, frames), the blend's analysis

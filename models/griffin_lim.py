@@ -192,6 +192,24 @@ class MelGriffinLim(nn.Module):
             previous = rebuilt
         return self.frame_stft.inverse(magnitude * phase, length)
 
+    def spans(self, frames: int, needed: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        """(first, end) frames of the chunks to iterate: all of `chunks(frames)`, or with `needed` (bool (frames,))
+        the stretches within `margin` frames of a needed frame, each cut into chunks.
+
+        The margin is a window's reach (win / hop frames, rounded up, plus one) and two chunk overlaps of context:
+        Griffin-Lim is local, so a needed frame that far inside its stretch comes out as it would from the whole
+        recording (nearly: the iteration's fixed point is not unique), and a stretch's cross-fades end before any
+        needed frame's window reaches them. Where everything is needed this is exactly `chunks(frames)`.
+        """
+        if needed is None:
+            return self.chunks(frames)
+        margin = -(-self.win_length // self.hop_length) + 1 + 2 * self.overlap_frames
+        near = F.max_pool1d(needed.float()[None], 2 * margin + 1, 1, margin)[0] > 0
+        edges = torch.diff(near.to(torch.int8), prepend=near.new_zeros(1, dtype=torch.int8),
+                           append=near.new_zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
+        return [(first + a, first + b) for first, end in zip(edges[::2], edges[1::2])
+                for a, b in self.chunks(end - first)]
+
     def chunks(self, frames: int) -> list[tuple[int, int]]:
         """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames."""
         step = self.chunk_frames - self.overlap_frames
@@ -199,21 +217,26 @@ class MelGriffinLim(nn.Module):
         bounds = [round(i * (frames - self.overlap_frames) / count) for i in range(count + 1)]
         return [(bounds[i], min(frames, bounds[i + 1] + self.overlap_frames)) for i in range(count)]
 
-    def forward(self, log_mel: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded."""
+    def forward(self, log_mel: torch.Tensor, length: int | None = None,
+                needed: torch.Tensor | None = None) -> torch.Tensor:
+        """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded.
+
+        needed: None, or bool (frames,): the frames whose STFT the caller will use (the input blend's fill); only
+        the stretches around them are iterated (`spans`), the rest stays silent.
+        """
         magnitude = self.magnitude(log_mel)
         phase = self.initial_phase(magnitude)
         frames, hop = magnitude.shape[1], self.hop_length
         full = (frames - 1) * hop
-        spans = self.chunks(frames)
-        if len(spans) == 1:
+        spans = self.spans(frames, needed)
+        wav = magnitude.new_zeros(magnitude.shape[0], full)
+        if spans == [(0, frames)]:
             wav = self.iterate(magnitude, phase, full)
-        else:
+        elif spans:
             pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[:, a:b], phase[:, a:b], (b - a - 1) * hop)
                                      for a, b in spans])
             fade = (self.overlap_frames - 1) * hop  # a chunk of n frames gives (n - 1) * hop samples
             ramp = torch.linspace(0, 1, fade + 2, device=magnitude.device)[1:-1]
-            wav = magnitude.new_zeros(magnitude.shape[0], full)
             for (a, b), piece in zip(spans, pieces):
                 weight = torch.ones(piece.shape[-1], device=magnitude.device)
                 if a > 0:  # linear cross-fades that sum to one over each overlap

@@ -86,22 +86,43 @@ class InputBlend(nn.Module):
         log_mel = self.log_mel(degraded_wav) if log_mel is None else log_mel
         return self.smooth(log_mel.exp()), self.frame_stft(degraded_wav)
 
-    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor, generated_wav: torch.Tensor,
-                analysis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """analysis: `analyse(degraded_wav)`, if already computed."""
-        samples, length = degraded_wav.shape[-1], generated_wav.shape[-1]
-        degraded_bands, degraded = self.analyse(degraded_wav) if analysis is None else analysis
+    def band_gains(self, predicted_log_mel: torch.Tensor, analysis: tuple[torch.Tensor, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predicted log-mel (batch, n_mels, frames) and `analyse`'s result -> the degraded input's and the
+        generated speech's band gains (batch, n_mels, frames)."""
+        degraded_bands = analysis[0]
         predicted_bands = self.smooth(predicted_log_mel.float().exp())
         if degraded_bands.shape != predicted_bands.shape:
             raise UserError(f"the predicted log-mel has {predicted_bands.shape[-1]} frames but the degraded input "
                             f"{degraded_bands.shape[-1]}; pass the token-aligned (padded) input")
-        keep, fill = self.gains(degraded_bands, predicted_bands)
+        return self.gains(degraded_bands, predicted_bands)
+
+    @staticmethod
+    def needed_frames(fill: torch.Tensor) -> torch.Tensor:
+        """bool (frames,): where any band of any item takes some generated speech. Elsewhere the generated waveform
+        is multiplied by zero, so the vocoder need not make it (MelGriffinLim's `needed`): on noisy or reverberant
+        input that is most of a recording."""
+        return (fill > 0).flatten(0, 1).any(dim=0)
+
+    def mix(self, analysis: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor, fill: torch.Tensor,
+            generated_wav: torch.Tensor, samples: int) -> torch.Tensor:
+        """The degraded spectrum under `keep` plus the generated speech's under `fill` -> wav (batch, length of
+        generated_wav); samples: the degraded input's length."""
+        length = generated_wav.shape[-1]
         # Frame-major spectra (batch, frames, bins); both share FrameSTFT's phase convention and the gains are real,
         # so the mix is the one utils.stft's spectra would give.
         generated = self.frame_stft(F.pad(generated_wav.float(), (0, samples - length)))
-        mixed = (degraded * torch.matmul(keep.transpose(1, 2), self.bin_weights)
+        mixed = (analysis[1] * torch.matmul(keep.transpose(1, 2), self.bin_weights)
                  + generated * torch.matmul(fill.transpose(1, 2), self.bin_weights))
         return self.frame_stft.inverse(mixed, samples)[..., :length]
+
+    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor, generated_wav: torch.Tensor,
+                analysis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """analysis: `analyse(degraded_wav)`, if already computed. (inference.Enhancer calls the steps itself, to
+        let the vocoder skip what the fill does not use.)"""
+        analysis = self.analyse(degraded_wav) if analysis is None else analysis
+        keep, fill = self.band_gains(predicted_log_mel, analysis)
+        return self.mix(analysis, keep, fill, generated_wav, degraded_wav.shape[-1])
 
 
 def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: float) -> InputBlend:

@@ -38,7 +38,8 @@ class SteepBlend(InputBlend):
     three 1)."""
 
     def __init__(self, base: InputBlend, exponent: float, tolerance: float, input_weight: float):
-        super().__init__(base.log_mel, base.n_fft, base.hop_length, base.win_length, base.smoothing_frames,
+        stft = base.frame_stft
+        super().__init__(base.log_mel, stft.n_fft, stft.hop_length, stft.win_length, base.smoothing_frames,
                          base.fill_tolerance)
         self.exponent, self.tolerance, self.input_weight = exponent, tolerance, input_weight
 
