@@ -431,6 +431,7 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
 
     with torch.inference_mode():
         decoded = decoder()
+        intact = enhancer.probabilities(group_logits).gather(-1, degraded_tokens[..., None])[..., 0]
     stages = {
         "encoder_and_front": lambda: enhancer.encode_and_front(padded),
         "context": context,
@@ -441,12 +442,13 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     blend = enhancer.blend
     if blend is not None:
         with torch.inference_mode():
-            keep, fill = blend.band_gains(decoded, analysis)
+            keep, fill = blend.band_gains(decoded, analysis, intact)
             needed = blend.needed_frames(fill)
             generated = codec.griffin_lim(decoded, wav.shape[-1], needed)
 
         def blend_stage() -> torch.Tensor:
-            keep, fill = blend.band_gains(decoded, analysis)
+            intact = enhancer.probabilities(group_logits).gather(-1, degraded_tokens[..., None])[..., 0]
+            keep, fill = blend.band_gains(decoded, analysis, intact)
             return blend.mix(analysis, keep, fill, generated, padded.shape[-1])
 
         # As the pipeline runs it: only the chunks the blend takes some of.

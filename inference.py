@@ -154,10 +154,12 @@ class Enhancer:
         degraded_tokens, analysis, frames = self.encode_and_front(padded)
         with self.predictor_precision():
             group_logits = self.predictor.predict(self.predictor.branch.context(frames), degraded_tokens)
-        decoded = self.codec.decode_latent(self.latent(group_logits))
+        probabilities = self.probabilities(group_logits)
+        decoded = self.codec.decode_latent(self.latent(group_logits, probabilities))
         if self.blend is None:
             return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
-        keep, fill = self.blend.band_gains(decoded, analysis)
+        intact = probabilities.gather(-1, degraded_tokens[..., None])[..., 0]
+        keep, fill = self.blend.band_gains(decoded, analysis, intact)
         # Griffin-Lim (a MelCodec's: input_blend_for) only where the blend takes some of its output.
         generated = self.codec.griffin_lim(decoded, segments.shape[-1], self.blend.needed_frames(fill))
         return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1]), group_logits.argmax(dim=-1)
@@ -188,12 +190,19 @@ class Enhancer:
     def predictor_precision(self) -> contextlib.AbstractContextManager:
         return predictor_precision(self.device, self.precision)
 
-    def latent(self, group_logits: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, group_logits: torch.Tensor) -> torch.Tensor:
+        """Group logits (batch, groups, frames, codebook_size) -> the token distributions, sharpened by the
+        temperature (float32, same shape)."""
+        return (group_logits.float() / self.temperature).softmax(dim=-1)
+
+    def latent(self, group_logits: torch.Tensor, probabilities: torch.Tensor | None = None) -> torch.Tensor:
         """Group logits (batch, groups, frames, codebook_size) -> the quantised latent the codec decodes: the arg-max
         tokens' codebook vectors, or with decoding "expected" the vectors expected under the distributions sharpened
-        by the temperature."""
+        by the temperature (`probabilities(group_logits)`, passed if already computed)."""
         if self.decoding == "expected":
-            return self.codec.quantizer.decode_expected((group_logits.float() / self.temperature).softmax(dim=-1))
+            if probabilities is None:
+                probabilities = self.probabilities(group_logits)
+            return self.codec.quantizer.decode_expected(probabilities)
         return self.codec.quantizer.decode(group_logits.argmax(dim=-1))
 
     def window_starts(self, length: int) -> list[int]:

@@ -1,15 +1,18 @@
 """Keep the degraded recording where the predicted clean log-mel says it is intact; the generated speech elsewhere.
 
 Shapes: degraded wav (batch, samples), predicted log-mel (batch, n_mels, frames) with frames = samples / hop + 1,
-generated wav (batch, length <= samples) -> wav (batch, length).
+intact (batch, groups, token frames), generated wav (batch, length <= samples) -> wav (batch, length).
 
 Why: a codec re-synthesises every part of a recording, the intact parts too, and its 80-band log-mel carries no
 harmonic fine structure or phase, which Griffin-Lim has to invent. Where a degraded recording is mostly speech (high
 SNR, the band below a band-limit, much of a clipped recording) the input itself is closer to the clean speech than
 any re-synthesis. So, per mel band and frame, with P the predicted clean band magnitude and D the degraded one
 (both averaged over `smoothing_frames`, so the gains do not flutter from frame to frame):
-    the degraded STFT is scaled by min(1, P / D): where the input is louder than the prediction (noise, reverberant
-        tails) it is brought down to it, keeping its own fine structure and phase, and left alone where it is not;
+    the degraded STFT is scaled by g + (1 - g) * q with g = min(1, P / D): where the input is louder than the
+        prediction (noise, reverberant tails) it is brought down to it, keeping its own fine structure and phase,
+        and left alone where it is not; q is the square of the probability the model gives the input's own token
+        of that band's group (`intact`), so that where the model itself calls the input intact, a prediction below
+        it is taken for the model's error and the input kept;
     the generated STFT fills what is missing, scaled by sqrt(1 - min(1, fill_tolerance * D / P)^2): nothing where
         the input is within `fill_tolerance` of the prediction, all of it where the input is silent (a band-limit),
         so that in a band the input lacks the two add up to P in energy. The tolerance keeps the codec's speech out
@@ -17,10 +20,9 @@ any re-synthesis. So, per mel band and frame, with P the predicted clean band ma
         cost ESTOI), so it fills only what is missing.
 The predicted magnitude decides both, so an input the model thinks intact comes through unchanged (exactly: the
 STFT is inverted with its own phase), and a band it thinks missing comes from the codec alone.
-Measured in docs/experiments.md, item 26: it raises PESQ and ESTOI of noisy, band-limited and clipped input, lowers
-ESTOI of reverberant input, whose fine structure is itself smeared, and lowers DNSMOS OVRL (what is kept of the
-input keeps some of its noise, reverberation and distortion): a choice for intelligibility and fidelity over
-naturalness, which `inference.py --no_blend` reverses.
+Measured in docs/experiments.md, items 26 and 28: it raises PESQ and ESTOI of noisy, band-limited and clipped
+input, and lowers DNSMOS OVRL (what is kept of the input keeps some of its noise, reverberation and distortion): a
+choice for intelligibility and fidelity over naturalness, which `inference.py --no_blend` reverses.
 """
 from __future__ import annotations
 
@@ -36,13 +38,14 @@ from utils import UserError
 class InputBlend(nn.Module):
     """Degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input falls short."""
 
-    def __init__(self, log_mel: LogMel, n_fft: int, hop_length: int, win_length: int, smoothing_frames: int,
-                 fill_tolerance: float):
+    def __init__(self, log_mel: LogMel, n_fft: int, hop_length: int, win_length: int, bands_per_group: int,
+                 smoothing_frames: int, fill_tolerance: float):
         """log_mel: the codec's (`MelCodec.log_mel`), whose analysis of the degraded input is compared with the
         prediction; n_fft / hop_length / win_length: the STFT the two signals are mixed in (the codec's Griffin-Lim
-        STFT, whose frames are the log-mel's); smoothing_frames and fill_tolerance (at least 1): see the module's
-        docstring."""
+        STFT, whose frames are the log-mel's); bands_per_group: the adjacent mel bands each token group quantises (the
+        codec's split VQ); smoothing_frames and fill_tolerance (at least 1): see the module's docstring."""
         super().__init__()
+        self.bands_per_group = bands_per_group
         if smoothing_frames < 1:
             raise UserError(f"inference.blend.smoothing_frames must be 1 or more, not {smoothing_frames}")
         if not fill_tolerance >= 1:
@@ -86,16 +89,30 @@ class InputBlend(nn.Module):
         log_mel = self.log_mel(degraded_wav) if log_mel is None else log_mel
         return self.smooth(log_mel.exp()), self.frame_stft(degraded_wav)
 
-    def band_gains(self, predicted_log_mel: torch.Tensor, analysis: tuple[torch.Tensor, torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The predicted log-mel (batch, n_mels, frames) and `analyse`'s result -> the degraded input's and the
-        generated speech's band gains (batch, n_mels, frames)."""
+    def band_gains(self, predicted_log_mel: torch.Tensor, analysis: tuple[torch.Tensor, torch.Tensor],
+                   intact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predicted log-mel (batch, n_mels, frames), `analyse`'s result and `intact` (batch, groups,
+        token frames: the predicted probability that each degraded token is the clean one) -> the degraded input's
+        and the generated speech's band gains (batch, n_mels, frames).
+
+        The input's gain min(1, P / D) is raised towards 1 in proportion to `intact` squared: where the model gives
+        the input's own code most of its probability it says the input is intact there, and a prediction below the
+        input is the model's (and the codec decoder's) error, not degradation. Squared, so that a split decision
+        (0.5) counts for a quarter: chosen on the valid split against the plain and the fourth power
+        (docs/experiments.md, item 28).
+        """
         degraded_bands = analysis[0]
         predicted_bands = self.smooth(predicted_log_mel.float().exp())
         if degraded_bands.shape != predicted_bands.shape:
             raise UserError(f"the predicted log-mel has {predicted_bands.shape[-1]} frames but the degraded input "
                             f"{degraded_bands.shape[-1]}; pass the token-aligned (padded) input")
-        return self.gains(degraded_bands, predicted_bands)
+        keep, fill = self.gains(degraded_bands, predicted_bands)
+        # Each group's probability on its bands, from token frames to log-mel frames (linear, as the codec decoder
+        # interpolates its frame means), then smoothed like the gains.
+        trust = F.interpolate(intact.float().square().repeat_interleave(self.bands_per_group, dim=1),
+                              size=keep.shape[-1], mode="linear", align_corners=False)
+        trust = self.smooth(trust)
+        return keep + (1.0 - keep) * trust, fill
 
     @staticmethod
     def needed_frames(fill: torch.Tensor) -> torch.Tensor:
@@ -116,12 +133,13 @@ class InputBlend(nn.Module):
                  + generated * torch.matmul(fill.transpose(1, 2), self.bin_weights))
         return self.frame_stft.inverse(mixed, samples)[..., :length]
 
-    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor, generated_wav: torch.Tensor,
-                analysis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """analysis: `analyse(degraded_wav)`, if already computed. (inference.Enhancer calls the steps itself, to
-        let the vocoder skip what the fill does not use.)"""
+    def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor, intact: torch.Tensor,
+                generated_wav: torch.Tensor, analysis: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """intact: see `band_gains`; analysis: `analyse(degraded_wav)`, if already computed. (inference.Enhancer
+        calls the steps itself, to let the vocoder skip what the fill does not use.)"""
         analysis = self.analyse(degraded_wav) if analysis is None else analysis
-        keep, fill = self.band_gains(predicted_log_mel, analysis)
+        keep, fill = self.band_gains(predicted_log_mel, analysis, intact)
         return self.mix(analysis, keep, fill, generated_wav, degraded_wav.shape[-1])
 
 
@@ -131,5 +149,5 @@ def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: flo
     if log_mel is None or griffin_lim is None:
         raise UserError(f"inference.blend needs a codec that decodes to a log-mel (MelCodec), not "
                         f"{type(codec).__name__}; set it to null")
-    return InputBlend(log_mel, griffin_lim.n_fft, griffin_lim.hop_length, griffin_lim.win_length, smoothing_frames,
-                      fill_tolerance)
+    return InputBlend(log_mel, griffin_lim.n_fft, griffin_lim.hop_length, griffin_lim.win_length,
+                      codec.quantizer.group_dim, smoothing_frames, fill_tolerance)

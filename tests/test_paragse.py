@@ -267,20 +267,22 @@ def _band_energy(wav: np.ndarray, low_hz: float, high_hz: float) -> float:
 def test_the_input_blend_keeps_what_the_prediction_calls_intact_and_fills_what_is_missing(speech: np.ndarray) -> None:
     """With the demo codec's log-mel: a prediction equal to the input's own log-mel gives the input back exactly; a
     band-limited input gets its missing band from the generated speech and keeps its own below the limit; a noisy
-    input is brought down to the predicted level, nearer the clean speech than it was."""
+    input is brought down to the predicted level, nearer the clean speech than it was, unless the model gives the
+    input's own tokens all its probability (then it is kept as it is)."""
     codec = checkpoint.load_codec(REPO / "pretrained" / "demo_codec.pt")
     blend = input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0)
     clean = codec.pad(torch.from_numpy(speech)[None])
     predicted = codec.log_mel(clean)  # what a perfect predictor gives: the clean speech's log-mel
+    doubt = torch.zeros(codec.encode(clean).shape)  # (batch, groups, frames): no degraded token called intact
     with torch.inference_mode():
         unrelated = torch.from_numpy(np.random.default_rng(0).normal(0, 0.05, clean.shape).astype(np.float32))
         # up to the rounding of the STFT's round trip: no band falls short of the prediction, so nothing is filled
-        assert (blend(clean, predicted, unrelated) - clean).pow(2).mean() < 1e-6 * clean.pow(2).mean()
+        assert (blend(clean, predicted, doubt, unrelated) - clean).pow(2).mean() < 1e-6 * clean.pow(2).mean()
 
         spectrum = torch.fft.rfft(clean)
         spectrum[..., round(4000 / 8000 * (spectrum.shape[-1] - 1)):] = 0  # band-limited to 4 kHz
         band_limited = torch.fft.irfft(spectrum, clean.shape[-1])
-        out = blend(band_limited, predicted, clean)[0].numpy()  # the codec's speech stood in by the clean
+        out = blend(band_limited, predicted, doubt, clean)[0].numpy()  # the codec's speech stood in by the clean
         reference, low = clean[0].numpy(), band_limited[0].numpy()
         assert _band_energy(low, 4500, 8000) < 1e-6 * _band_energy(reference, 4500, 8000)
         assert _band_energy(out, 4500, 8000) == pytest.approx(_band_energy(reference, 4500, 8000), rel=0.2)
@@ -288,8 +290,10 @@ def test_the_input_blend_keeps_what_the_prediction_calls_intact_and_fills_what_i
 
         noise = torch.from_numpy(np.random.default_rng(1).normal(0, 1, clean.shape).astype(np.float32))
         noisy = clean + noise * clean.std() / noise.std()  # 0 dB
-        out = blend(noisy, predicted, torch.zeros_like(clean))
+        out = blend(noisy, predicted, doubt, torch.zeros_like(clean))
         assert (out - clean).pow(2).mean() < 0.5 * (noisy - clean).pow(2).mean()
+        trusted = blend(noisy, predicted, torch.ones_like(doubt), torch.zeros_like(clean))
+        assert (trusted - noisy).pow(2).mean() < 1e-6 * noisy.pow(2).mean()
 
     with pytest.raises(UserError, match="decodes to a log-mel"):
         input_blend_for(_system()[0], smoothing_frames=16, fill_tolerance=3.0)  # the tiny config's MDCT codec
