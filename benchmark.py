@@ -74,6 +74,7 @@ import inference
 import peers
 from models import Codec, build_codec, build_enhancer
 from models.conformer import GroupedBiLSTM
+from models.input_blend import token_probability
 from models.int8 import quantize_predictor
 from utils import (REPO_ROOT, UserError, atomic_write, count_parameters, load_audio, load_config, require_writable,
                    seed_everything)
@@ -431,7 +432,6 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
 
     with torch.inference_mode():
         decoded = decoder()
-        intact = enhancer.probabilities(group_logits).gather(-1, degraded_tokens[..., None])[..., 0]
     stages = {
         "encoder_and_front": lambda: enhancer.encode_and_front(padded),
         "context": context,
@@ -442,12 +442,13 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     blend = enhancer.blend
     if blend is not None:
         with torch.inference_mode():
+            # The pipeline has the token distributions already (the decoder's); the blend only reads them.
+            intact = token_probability(enhancer.probabilities(group_logits), degraded_tokens)
             keep, fill = blend.band_gains(decoded, analysis, intact)
             needed = blend.needed_frames(fill)
             generated = codec.griffin_lim(decoded, wav.shape[-1], needed)
 
         def blend_stage() -> torch.Tensor:
-            intact = enhancer.probabilities(group_logits).gather(-1, degraded_tokens[..., None])[..., 0]
             keep, fill = blend.band_gains(decoded, analysis, intact)
             return blend.mix(analysis, keep, fill, generated, padded.shape[-1])
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from checkpoint import check_blend, check_decoding, load_codec, load_enhancer
 from models.codec import Codec
-from models.input_blend import input_blend_for
+from models.input_blend import input_blend_for, token_probability
 from models.int8 import quantize_predictor
 from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio,
                    load_config, normalise_level, prepare_audio, require_writable, resolve_device, run_command,
@@ -154,12 +154,12 @@ class Enhancer:
         degraded_tokens, analysis, frames = self.encode_and_front(padded)
         with self.predictor_precision():
             group_logits = self.predictor.predict(self.predictor.branch.context(frames), degraded_tokens)
+        if self.blend is None:
+            decoded = self.codec.decode_latent(self.latent(group_logits))
+            return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
         probabilities = self.probabilities(group_logits)
         decoded = self.codec.decode_latent(self.latent(group_logits, probabilities))
-        if self.blend is None:
-            return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
-        intact = probabilities.gather(-1, degraded_tokens[..., None])[..., 0]
-        keep, fill = self.blend.band_gains(decoded, analysis, intact)
+        keep, fill = self.blend.band_gains(decoded, analysis, token_probability(probabilities, degraded_tokens))
         # Griffin-Lim (a MelCodec's: input_blend_for) only where the blend takes some of its output.
         generated = self.codec.griffin_lim(decoded, segments.shape[-1], self.blend.needed_frames(fill))
         return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1]), group_logits.argmax(dim=-1)

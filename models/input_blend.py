@@ -143,6 +143,12 @@ class InputBlend(nn.Module):
         return self.mix(analysis, keep, fill, generated_wav, degraded_wav.shape[-1])
 
 
+def token_probability(probabilities: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The probability each token gets: probabilities (batch, groups, frames, codebook_size), tokens (batch, groups,
+    frames) -> (batch, groups, frames). With the degraded tokens, the blend's `intact`."""
+    return probabilities.gather(-1, tokens[..., None])[..., 0]
+
+
 def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: float) -> InputBlend:
     """The blend for a codec whose decoder predicts its own log-mel and synthesises it by Griffin-Lim (MelCodec)."""
     log_mel, griffin_lim = getattr(codec, "log_mel", None), getattr(codec, "griffin_lim", None)
