@@ -76,8 +76,8 @@ from models import Codec, build_codec, build_enhancer
 from models.conformer import GroupedBiLSTM
 from models.input_blend import token_probability
 from models.int8 import quantize_predictor
-from utils import (REPO_ROOT, UserError, atomic_write, count_parameters, load_audio, load_config, require_writable,
-                   seed_everything)
+from utils import (REPO_ROOT, UserError, atomic_write, count_parameters, load_audio, load_config, normalise_level,
+                   require_writable, seed_everything)
 
 SEED = 0
 CPU = torch.device("cpu")
@@ -412,6 +412,9 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
     inference.Enhancer.enhance_batch runs it (the same calls, on the same threads)."""
     codec, predictor = enhancer.codec, enhancer.predictor
     audio = wav[0].numpy()
+    # The stages see what the pipeline's see: the input at the pipeline's level (the blend's fill, and so how much
+    # of the recording Griffin-Lim synthesises, depends on it).
+    wav, _ = normalise_level(wav, enhancer.input_level_db, enhancer.sample_rate)
     with torch.inference_mode():
         padded = codec.pad(wav)
         degraded_tokens, analysis, frames = enhancer.encode_and_front(padded)

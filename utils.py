@@ -371,6 +371,15 @@ def stft(wav: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> tor
                       return_complex=True)
 
 
+def magnitude(spectrum: torch.Tensor) -> torch.Tensor:
+    """|spectrum| of a complex tensor, any shape. Without autograd as sqrt(re^2 + im^2), which is about 3x faster on
+    a CPU than `abs()` (its overflow-safe hypot; STFT values are nowhere near overflow) and equal to within an ulp;
+    with autograd `abs()`, whose gradient at an exact zero (digital silence) is zero instead of NaN."""
+    if spectrum.requires_grad:
+        return spectrum.abs()
+    return (spectrum.real.square() + spectrum.imag.square()).sqrt_()
+
+
 def istft(spectrum: torch.Tensor, n_fft: int, hop_length: int, win_length: int, length: int | None = None) -> torch.Tensor:
     """Inverse of `stft`: complex (batch, n_fft // 2 + 1, frames) -> (batch, length or (frames - 1) * hop)."""
     window = torch.hann_window(win_length, device=spectrum.device, dtype=spectrum.real.dtype)

@@ -89,16 +89,18 @@ class FrameSTFT(nn.Module):
                              .to(torch.complex64), persistent=False)
         self.envelopes: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        """(batch, samples) -> (batch, samples // hop + 1, bins)."""
+    def forward(self, wav: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, samples) -> (batch, samples // hop + 1, bins), or only the frames at the indices `frames`."""
         samples = wav.shape[-1]
         right = self.win_length - self.left
         # utils.stft's padding (a reflection needs more samples than half an FFT), of which only the part the
         # windows reach is built.
         mode = "reflect" if samples > self.n_fft // 2 else "constant"
         padded = F.pad(wav[:, None], (self.left, right), mode=mode)[:, 0]
-        frames = padded.unfold(-1, self.win_length, self.hop_length) * self.window
-        return torch.fft.rfft(frames, n=self.n_fft)
+        windows = padded.unfold(-1, self.win_length, self.hop_length)
+        if frames is not None:
+            windows = windows[:, frames]
+        return torch.fft.rfft(windows * self.window, n=self.n_fft)
 
     def envelope(self, frames: int, device: torch.device) -> torch.Tensor:
         """1 / the overlap-added squared window of `frames` frames (cached: an iteration asks for few lengths)."""
@@ -135,9 +137,10 @@ class MelGriffinLim(nn.Module):
     """Fast Griffin-Lim (Perraudin et al., 2013) from the integrated phase; deterministic (no random start).
 
     Long inputs iterate in chunks of `chunk_frames` frames that overlap by `overlap_frames` and are cross-faded:
-    Griffin-Lim is local (a frame is tied only to the frames its window overlaps), every chunk starts from the same
-    integrated phase, and a chunk's spectrogram stays in the CPU's cache through the iteration where a 10-s one does
-    not. `run_tasks` runs the chunks (in order here; cpu_speed runs them as concurrent single-threaded tasks).
+    Griffin-Lim is local (a frame is tied only to the frames its window overlaps), the chunks of one stretch start
+    from the same integrated phase, and a chunk's spectrogram stays in the CPU's cache through the iteration where a
+    10-s one does not. `run_tasks` runs the chunks (in order here; cpu_speed runs them as concurrent single-threaded
+    tasks).
     """
 
     def __init__(self, mel_filters: torch.Tensor, hop_length: int, win_length: int, n_fft: int, iterations: int,
@@ -192,23 +195,22 @@ class MelGriffinLim(nn.Module):
             previous = rebuilt
         return self.frame_stft.inverse(magnitude * phase, length)
 
-    def spans(self, frames: int, needed: torch.Tensor | None = None) -> list[tuple[int, int]]:
-        """(first, end) frames of the chunks to iterate: all of `chunks(frames)`, or with `needed` (bool (frames,))
-        the stretches within `margin` frames of a needed frame, each cut into chunks.
+    def stretches(self, frames: int, needed: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        """(first, end) frames to synthesise: the whole recording, or with `needed` (bool (frames,)) the stretches
+        within `margin` frames of a needed frame.
 
-        The margin is a window's reach (win / hop frames, rounded up, plus one) and two chunk overlaps of context:
-        Griffin-Lim is local, so a needed frame that far inside its stretch comes out as it would from the whole
-        recording (nearly: the iteration's fixed point is not unique), and a stretch's cross-fades end before any
-        needed frame's window reaches them. Where everything is needed this is exactly `chunks(frames)`.
+        The margin is a window's reach (win / hop frames, rounded up, plus one) and a chunk overlap: a stretch's
+        cross-fades end before any needed frame's window reaches them, and Griffin-Lim is local, so a needed frame
+        that far inside its stretch comes out nearly as from the whole recording (on the valid split, as well as with
+        twice the overlap: docs/experiments.md, item 29).
         """
         if needed is None:
-            return self.chunks(frames)
-        margin = -(-self.win_length // self.hop_length) + 1 + 2 * self.overlap_frames
+            return [(0, frames)]
+        margin = -(-self.win_length // self.hop_length) + 1 + self.overlap_frames
         near = F.max_pool1d(needed.float()[None], 2 * margin + 1, 1, margin)[0] > 0
         edges = torch.diff(near.to(torch.int8), prepend=near.new_zeros(1, dtype=torch.int8),
                            append=near.new_zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
-        return [(first + a, first + b) for first, end in zip(edges[::2], edges[1::2])
-                for a, b in self.chunks(end - first)]
+        return list(zip(edges[::2], edges[1::2]))
 
     def chunks(self, frames: int) -> list[tuple[int, int]]:
         """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames."""
@@ -222,26 +224,33 @@ class MelGriffinLim(nn.Module):
         """log_mel (batch, n_mels, frames) -> wav (batch, length or (frames - 1) * hop); longer is zero-padded.
 
         needed: None, or bool (frames,): the frames whose STFT the caller will use (the input blend's fill); only
-        the stretches around them are iterated (`spans`), the rest stays silent.
+        the stretches around them are iterated (`stretches`), the rest stays silent.
         """
-        magnitude = self.magnitude(log_mel)
-        phase = self.initial_phase(magnitude)
-        frames, hop = magnitude.shape[1], self.hop_length
+        frames, hop = log_mel.shape[-1], self.hop_length
         full = (frames - 1) * hop
-        spans = self.spans(frames, needed)
-        wav = magnitude.new_zeros(magnitude.shape[0], full)
-        if spans == [(0, frames)]:
-            wav = self.iterate(magnitude, phase, full)
-        elif spans:
-            pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[:, a:b], phase[:, a:b], (b - a - 1) * hop)
-                                     for a, b in spans])
-            fade = (self.overlap_frames - 1) * hop  # a chunk of n frames gives (n - 1) * hop samples
-            ramp = torch.linspace(0, 1, fade + 2, device=magnitude.device)[1:-1]
-            for (a, b), piece in zip(spans, pieces):
-                weight = torch.ones(piece.shape[-1], device=magnitude.device)
-                if a > 0:  # linear cross-fades that sum to one over each overlap
-                    weight[:fade] = ramp
-                if b < frames:
-                    weight[-fade:] = ramp.flip(0)
-                wav[:, a * hop: a * hop + piece.shape[-1]] += piece * weight
-        return wav if length is None else F.pad(wav, (0, max(0, length - full)))[..., :length]
+        wav = log_mel.new_zeros(log_mel.shape[0], full, dtype=torch.float32)
+        # Each stretch from its own integrated phase, zero at its first frame (any start is as good a guess, and a
+        # few needed frames then cost a few stretches' work, not the whole recording's); its chunks share that
+        # phase, so that their cross-fades add coherent signals.
+        tasks, places = [], []
+        for first, end in self.stretches(frames, needed):
+            magnitude = self.magnitude(log_mel[..., first:end])
+            phase = self.initial_phase(magnitude)
+            for a, b in self.chunks(end - first):
+                tasks.append(lambda m=magnitude[:, a:b], p=phase[:, a:b]: self.iterate(m, p, (m.shape[1] - 1) * hop))
+                places.append((first + a, first + b))
+        fade = (self.overlap_frames - 1) * hop  # a chunk of n frames gives (n - 1) * hop samples
+        ramp = torch.linspace(0, 1, fade + 2, device=log_mel.device)[1:-1]
+        for (a, b), piece in zip(places, self.run_tasks(tasks)):
+            weight = torch.ones(piece.shape[-1], device=log_mel.device)
+            if a > 0:  # linear cross-fades that sum to one over each overlap
+                weight[:fade] = ramp
+            if b < frames:
+                weight[-fade:] = ramp.flip(0)
+            wav[:, a * hop: a * hop + piece.shape[-1]] += piece * weight
+        return self.fit_length(wav, length)
+
+    @staticmethod
+    def fit_length(wav: torch.Tensor, length: int | None) -> torch.Tensor:
+        """(batch, (frames - 1) * hop) -> (batch, length): zero-padded or cut; unchanged if length is None."""
+        return wav if length is None else F.pad(wav, (0, max(0, length - wav.shape[-1])))[..., :length]

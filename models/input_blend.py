@@ -127,10 +127,12 @@ class InputBlend(nn.Module):
         generated_wav); samples: the degraded input's length."""
         length = generated_wav.shape[-1]
         # Frame-major spectra (batch, frames, bins); both share FrameSTFT's phase convention and the gains are real,
-        # so the mix is the one utils.stft's spectra would give.
-        generated = self.frame_stft(F.pad(generated_wav.float(), (0, samples - length)))
-        mixed = (analysis[1] * torch.matmul(keep.transpose(1, 2), self.bin_weights)
-                 + generated * torch.matmul(fill.transpose(1, 2), self.bin_weights))
+        # so the mix is the one utils.stft's spectra would give. The generated speech only where it is filled in.
+        mixed = analysis[1] * torch.matmul(keep.transpose(1, 2), self.bin_weights)
+        filled = self.needed_frames(fill).nonzero().flatten()
+        if filled.numel():
+            generated = self.frame_stft(F.pad(generated_wav.float(), (0, samples - length)), filled)
+            mixed[:, filled] += generated * torch.matmul(fill[..., filled].transpose(1, 2), self.bin_weights)
         return self.frame_stft.inverse(mixed, samples)[..., :length]
 
     def forward(self, degraded_wav: torch.Tensor, predicted_log_mel: torch.Tensor, intact: torch.Tensor,

@@ -8,7 +8,7 @@ import librosa
 import torch
 from torch import nn
 
-from utils import stft
+from utils import magnitude, stft
 
 
 class LogMel(nn.Module):
@@ -22,5 +22,5 @@ class LogMel(nn.Module):
         self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        magnitude = stft(wav.float(), self.n_fft, self.hop_length, self.win_length).abs()
-        return torch.log(torch.clamp(torch.matmul(self.filters, magnitude), min=self.log_floor))
+        spectrum = magnitude(stft(wav.float(), self.n_fft, self.hop_length, self.win_length))
+        return torch.log(torch.clamp(torch.matmul(self.filters, spectrum), min=self.log_floor))

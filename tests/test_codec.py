@@ -488,14 +488,14 @@ def test_griffin_lim_synthesises_only_around_the_frames_asked_for(speech: np.nda
     vocoder = MelGriffinLim(log_mel.filters, hop, mel["win_length"], **codec_config["griffin_lim"] | {"chunk_frames": 300})
     needed = torch.zeros(frames, dtype=torch.bool)
     needed[frames // 2: frames // 2 + 5] = True
-    spans = vocoder.spans(frames, needed)
-    assert len(spans) == 1 and spans[0][1] - spans[0][0] < frames / 8
-    assert vocoder.spans(frames, torch.ones(frames, dtype=torch.bool)) == vocoder.chunks(frames)
-    assert vocoder.spans(frames, torch.zeros(frames, dtype=torch.bool)) == []
+    stretches = vocoder.stretches(frames, needed)
+    assert len(stretches) == 1 and stretches[0][1] - stretches[0][0] < frames / 8
+    assert vocoder.stretches(frames, torch.ones(frames, dtype=torch.bool)) == [(0, frames)]
+    assert vocoder.stretches(frames, torch.zeros(frames, dtype=torch.bool)) == []
     part = vocoder(target, clip.size, needed)
     whole = vocoder(target, clip.size)
     assert torch.equal(vocoder(target, clip.size, torch.ones(frames, dtype=torch.bool)), whole)
-    assert not part[0, : spans[0][0] * hop].any() and not part[0, spans[0][1] * hop:].any()
+    assert not part[0, : stretches[0][0] * hop].any() and not part[0, stretches[0][1] * hop:].any()
     aim = vocoder.magnitude(target)[0, needed]
 
     def error(wav: torch.Tensor) -> float:
