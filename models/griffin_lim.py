@@ -199,23 +199,27 @@ class MelGriffinLim(nn.Module):
         """(first, end) frames to synthesise: the whole recording, or with `needed` (bool (frames,)) the stretches
         within `margin` frames of a needed frame.
 
-        The margin is a window's reach (win / hop frames, rounded up, plus one) and a chunk overlap: a stretch's
-        cross-fades end before any needed frame's window reaches them, and Griffin-Lim is local, so a needed frame
-        that far inside its stretch comes out nearly as from the whole recording (on the valid split, as well as with
-        twice the overlap: docs/experiments.md, item 29).
+        The margin is a window's reach (win / hop frames, rounded up, plus one), so that no needed frame's window
+        reaches a stretch's edge, and half a window more: Griffin-Lim is local, so a needed frame that far inside
+        its stretch comes out nearly as from the whole recording (on the valid split, as well as with four times
+        the context: docs/experiments.md, item 29).
         """
         if needed is None:
             return [(0, frames)]
-        margin = -(-self.win_length // self.hop_length) + 1 + self.overlap_frames
+        window_frames = -(-self.win_length // self.hop_length)
+        margin = window_frames + 1 + -(-window_frames // 2)
         near = F.max_pool1d(needed.float()[None], 2 * margin + 1, 1, margin)[0] > 0
         edges = torch.diff(near.to(torch.int8), prepend=near.new_zeros(1, dtype=torch.int8),
                            append=near.new_zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
         return list(zip(edges[::2], edges[1::2]))
 
     def chunks(self, frames: int) -> list[tuple[int, int]]:
-        """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames."""
+        """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames;
+        at least two where each is still four overlaps long: a short sequence (the input blend's stretches often
+        make one) then keeps two concurrent tasks busy, not one. Two whatever the thread count, so that the output
+        does not depend on it."""
         step = self.chunk_frames - self.overlap_frames
-        count = max(1, round((frames - self.overlap_frames) / step))
+        count = max(1, round((frames - self.overlap_frames) / step), min(2, frames // (4 * self.overlap_frames)))
         bounds = [round(i * (frames - self.overlap_frames) / count) for i in range(count + 1)]
         return [(bounds[i], min(frames, bounds[i + 1] + self.overlap_frames)) for i in range(count)]
 
@@ -227,28 +231,44 @@ class MelGriffinLim(nn.Module):
         the stretches around them are iterated (`stretches`), the rest stays silent.
         """
         frames, hop = log_mel.shape[-1], self.hop_length
-        full = (frames - 1) * hop
-        wav = log_mel.new_zeros(log_mel.shape[0], full, dtype=torch.float32)
-        # Each stretch from its own integrated phase, zero at its first frame (any start is as good a guess, and a
-        # few needed frames then cost a few stretches' work, not the whole recording's); its chunks share that
-        # phase, so that their cross-fades add coherent signals.
-        tasks, places = [], []
-        for first, end in self.stretches(frames, needed):
+        wav = log_mel.new_zeros(log_mel.shape[0], (frames - 1) * hop, dtype=torch.float32)
+        stretches = self.stretches(frames, needed)
+        if not stretches:
+            return self.fit_length(wav, length)
+        # The stretches iterate as one sequence, each followed by a window's worth of silent frames (zero
+        # magnitude). A frame then sees no sample of a neighbouring stretch, and the silent frames add nothing: each
+        # stretch is iterated apart, but with the operations (and Python's dispatch, which two threads cannot share)
+        # of one sequence instead of one per stretch. The whole recording is one stretch without a gap.
+        gap = -(-self.win_length // hop)
+        pieces, offsets = [], []
+        for first, end in stretches:
+            offsets.append(sum(piece.shape[1] for piece in pieces))
             magnitude = self.magnitude(log_mel[..., first:end])
-            phase = self.initial_phase(magnitude)
-            for a, b in self.chunks(end - first):
-                tasks.append(lambda m=magnitude[:, a:b], p=phase[:, a:b]: self.iterate(m, p, (m.shape[1] - 1) * hop))
-                places.append((first + a, first + b))
+            pieces += [magnitude, magnitude.new_zeros(magnitude.shape[0], gap, magnitude.shape[2])]
+        packed = self.iterate_chunks(torch.cat(pieces[:-1], dim=1))
+        for (first, end), offset in zip(stretches, offsets):
+            wav[:, first * hop: (end - 1) * hop] = packed[:, offset * hop: (offset + end - first - 1) * hop]
+        return self.fit_length(wav, length)
+
+    def iterate_chunks(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Frame-major magnitude (batch, frames, bins) -> wav (batch, (frames - 1) * hop): the iteration from the
+        integrated phase, in cross-faded chunks that share it (so that the cross-fades add coherent signals)."""
+        frames, hop = magnitude.shape[1], self.hop_length
+        phase = self.initial_phase(magnitude)
+        spans = self.chunks(frames)
+        pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[:, a:b], phase[:, a:b], (b - a - 1) * hop)
+                                 for a, b in spans])
+        wav = magnitude.new_zeros(magnitude.shape[0], (frames - 1) * hop)
         fade = (self.overlap_frames - 1) * hop  # a chunk of n frames gives (n - 1) * hop samples
-        ramp = torch.linspace(0, 1, fade + 2, device=log_mel.device)[1:-1]
-        for (a, b), piece in zip(places, self.run_tasks(tasks)):
-            weight = torch.ones(piece.shape[-1], device=log_mel.device)
+        ramp = torch.linspace(0, 1, fade + 2, device=magnitude.device)[1:-1]
+        for (a, b), piece in zip(spans, pieces):
+            weight = torch.ones(piece.shape[-1], device=magnitude.device)
             if a > 0:  # linear cross-fades that sum to one over each overlap
                 weight[:fade] = ramp
             if b < frames:
                 weight[-fade:] = ramp.flip(0)
             wav[:, a * hop: a * hop + piece.shape[-1]] += piece * weight
-        return self.fit_length(wav, length)
+        return wav
 
     @staticmethod
     def fit_length(wav: torch.Tensor, length: int | None) -> torch.Tensor:
