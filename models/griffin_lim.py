@@ -137,10 +137,9 @@ class MelGriffinLim(nn.Module):
     """Fast Griffin-Lim (Perraudin et al., 2013) from the integrated phase; deterministic (no random start).
 
     Long inputs iterate in chunks of `chunk_frames` frames that overlap by `overlap_frames` and are cross-faded:
-    Griffin-Lim is local (a frame is tied only to the frames its window overlaps), the chunks of one stretch start
-    from the same integrated phase, and a chunk's spectrogram stays in the CPU's cache through the iteration where a
-    10-s one does not. `run_tasks` runs the chunks (in order here; cpu_speed runs them as concurrent single-threaded
-    tasks).
+    Griffin-Lim is local (a frame is tied only to the frames its window overlaps), the chunks start from one
+    integrated phase, and a chunk's spectrogram stays in the CPU's cache through the iteration where a 10-s one does
+    not. `run_tasks` runs the chunks (in order here; cpu_speed runs them as concurrent single-threaded tasks).
     """
 
     def __init__(self, mel_filters: torch.Tensor, hop_length: int, win_length: int, n_fft: int, iterations: int,
@@ -213,13 +212,11 @@ class MelGriffinLim(nn.Module):
                            append=near.new_zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
         return list(zip(edges[::2], edges[1::2]))
 
-    def chunks(self, frames: int) -> list[tuple[int, int]]:
+    def chunks(self, frames: int, parts: int = 1) -> list[tuple[int, int]]:
         """(first, end) frames of nearly equal chunks of at most about chunk_frames, overlapping by overlap_frames;
-        at least two where each is still four overlaps long: a short sequence (the input blend's stretches often
-        make one) then keeps two concurrent tasks busy, not one. Two whatever the thread count, so that the output
-        does not depend on it."""
+        at least `parts` where each is still four overlaps long."""
         step = self.chunk_frames - self.overlap_frames
-        count = max(1, round((frames - self.overlap_frames) / step), min(2, frames // (4 * self.overlap_frames)))
+        count = max(1, round((frames - self.overlap_frames) / step), min(parts, frames // (4 * self.overlap_frames)))
         bounds = [round(i * (frames - self.overlap_frames) / count) for i in range(count + 1)]
         return [(bounds[i], min(frames, bounds[i + 1] + self.overlap_frames)) for i in range(count)]
 
@@ -245,17 +242,21 @@ class MelGriffinLim(nn.Module):
             offsets.append(sum(piece.shape[1] for piece in pieces))
             magnitude = self.magnitude(log_mel[..., first:end])
             pieces += [magnitude, magnitude.new_zeros(magnitude.shape[0], gap, magnitude.shape[2])]
-        packed = self.iterate_chunks(torch.cat(pieces[:-1], dim=1))
+        # The input blend's stretches make a short sequence: in two chunks it keeps two concurrent tasks busy, not
+        # one (two whatever the thread count, so that the output does not depend on it). A whole recording keeps
+        # its chunks: a short one cut in two lost copy-synthesis ESTOI (docs/experiments.md, item 29).
+        packed = self.iterate_chunks(torch.cat(pieces[:-1], dim=1), parts=1 if needed is None else 2)
         for (first, end), offset in zip(stretches, offsets):
             wav[:, first * hop: (end - 1) * hop] = packed[:, offset * hop: (offset + end - first - 1) * hop]
         return self.fit_length(wav, length)
 
-    def iterate_chunks(self, magnitude: torch.Tensor) -> torch.Tensor:
+    def iterate_chunks(self, magnitude: torch.Tensor, parts: int = 1) -> torch.Tensor:
         """Frame-major magnitude (batch, frames, bins) -> wav (batch, (frames - 1) * hop): the iteration from the
-        integrated phase, in cross-faded chunks that share it (so that the cross-fades add coherent signals)."""
+        integrated phase, in cross-faded chunks (`chunks(frames, parts)`) that share it (so that the cross-fades add
+        coherent signals)."""
         frames, hop = magnitude.shape[1], self.hop_length
         phase = self.initial_phase(magnitude)
-        spans = self.chunks(frames)
+        spans = self.chunks(frames, parts)
         pieces = self.run_tasks([lambda a=a, b=b: self.iterate(magnitude[:, a:b], phase[:, a:b], (b - a - 1) * hop)
                                  for a, b in spans])
         wav = magnitude.new_zeros(magnitude.shape[0], (frames - 1) * hop)

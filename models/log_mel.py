@@ -22,5 +22,5 @@ class LogMel(nn.Module):
         self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        spectrum = magnitude(stft(wav.float(), self.n_fft, self.hop_length, self.win_length))
-        return torch.log(torch.clamp(torch.matmul(self.filters, spectrum), min=self.log_floor))
+        amplitudes = magnitude(stft(wav.float(), self.n_fft, self.hop_length, self.win_length))
+        return torch.log(torch.clamp(torch.matmul(self.filters, amplitudes), min=self.log_floor))
