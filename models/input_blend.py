@@ -38,12 +38,13 @@ from utils import UserError
 class InputBlend(nn.Module):
     """Degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input falls short."""
 
-    def __init__(self, log_mel: LogMel, n_fft: int, hop_length: int, win_length: int, bands_per_group: int,
-                 smoothing_frames: int, fill_tolerance: float):
+    def __init__(self, log_mel: LogMel, frame_stft: FrameSTFT, bands_per_group: int, smoothing_frames: int,
+                 fill_tolerance: float):
         """log_mel: the codec's (`MelCodec.log_mel`), whose analysis of the degraded input is compared with the
-        prediction; n_fft / hop_length / win_length: the STFT the two signals are mixed in (the codec's Griffin-Lim
-        STFT, whose frames are the log-mel's); bands_per_group: the adjacent mel bands each token group quantises (the
-        codec's split VQ); smoothing_frames and fill_tolerance (at least 1): see the module's docstring."""
+        prediction; frame_stft: the STFT the two signals are mixed in (the codec's Griffin-Lim's, whose frames are
+        the log-mel's: shared, with its cache of window envelopes); bands_per_group: the adjacent mel bands each token
+        group quantises (the codec's split VQ); smoothing_frames and fill_tolerance (at least 1): see the module's
+        docstring."""
         super().__init__()
         self.bands_per_group = bands_per_group
         if smoothing_frames < 1:
@@ -51,9 +52,9 @@ class InputBlend(nn.Module):
         if not fill_tolerance >= 1:
             raise UserError(f"inference.blend.fill_tolerance must be 1 or more, not {fill_tolerance}")
         self.log_mel = log_mel
-        self.frame_stft = FrameSTFT(n_fft, hop_length, win_length)
+        self.frame_stft = frame_stft
         self.smoothing_frames, self.fill_tolerance = smoothing_frames, fill_tolerance
-        self.register_buffer("bin_weights", self.band_weights(log_mel.filters, n_fft), persistent=False)
+        self.register_buffer("bin_weights", self.band_weights(log_mel.filters, frame_stft.n_fft), persistent=False)
 
     @staticmethod
     def band_weights(mel_filters: torch.Tensor, n_fft: int) -> torch.Tensor:
@@ -157,5 +158,4 @@ def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: flo
     if log_mel is None or griffin_lim is None:
         raise UserError(f"inference.blend needs a codec that decodes to a log-mel (MelCodec), not "
                         f"{type(codec).__name__}; set it to null")
-    return InputBlend(log_mel, griffin_lim.n_fft, griffin_lim.hop_length, griffin_lim.win_length,
-                      codec.quantizer.group_dim, smoothing_frames, fill_tolerance)
+    return InputBlend(log_mel, griffin_lim.frame_stft, codec.quantizer.group_dim, smoothing_frames, fill_tolerance)

@@ -38,9 +38,8 @@ class SteepBlend(InputBlend):
     three 1)."""
 
     def __init__(self, base: InputBlend, exponent: float, tolerance: float, input_weight: float):
-        stft = base.frame_stft
-        super().__init__(base.log_mel, stft.n_fft, stft.hop_length, stft.win_length, base.bands_per_group,
-                         base.smoothing_frames, base.fill_tolerance)
+        super().__init__(base.log_mel, base.frame_stft, base.bands_per_group, base.smoothing_frames,
+                         base.fill_tolerance)
         self.exponent, self.tolerance, self.input_weight = exponent, tolerance, input_weight
 
     def gains(self, degraded_bands: torch.Tensor, predicted_bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
