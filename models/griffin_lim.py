@@ -31,8 +31,9 @@ HANN_GAUSSIAN_SPREAD = 0.25645
 
 
 def integrated_phase(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_length: int) -> torch.Tensor:
-    """Phase angles in [0, 2 pi) (batch, frames, bins) for a frame-major STFT magnitude, from the instantaneous frequency its
-    log-magnitude gradient along frequency implies, integrated over frames (trapezoid rule; frame 0 has phase 0).
+    """Phase angles in [0, 2 pi) (batch, frames, bins) for a frame-major STFT magnitude, from the instantaneous
+    frequency its log-magnitude gradient along frequency implies, integrated over frames (trapezoid rule; frame 0 has
+    phase 0).
 
     For a partial at frequency f (cycles per sample), a Gaussian window of spread lambda makes the log-magnitude
     across bins m a parabola with slope -2 pi lambda (m / n_fft - f) / n_fft, so f = m / n_fft + n_fft / (2 pi lambda)

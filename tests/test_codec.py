@@ -486,7 +486,8 @@ def test_griffin_lim_synthesises_only_around_the_frames_asked_for(speech: np.nda
     clip = np.concatenate([speech, other_speech])
     target = log_mel(torch.from_numpy(clip)[None])
     frames, hop = target.shape[-1], mel["hop_length"]
-    vocoder = MelGriffinLim(log_mel.filters, hop, mel["win_length"], **codec_config["griffin_lim"] | {"chunk_frames": 300})
+    vocoder = MelGriffinLim(log_mel.filters, hop, mel["win_length"],
+                            **codec_config["griffin_lim"] | {"chunk_frames": 300})
     needed = torch.zeros(frames, dtype=torch.bool)
     needed[frames // 4: frames // 4 + 5] = True
     needed[2 * frames // 3: 2 * frames // 3 + 5] = True
