@@ -76,8 +76,8 @@ from models import Codec, build_codec, build_enhancer
 from models.conformer import GroupedBiLSTM
 from models.input_blend import token_probability
 from models.int8 import quantize_predictor
-from utils import (REPO_ROOT, UserError, atomic_write, count_parameters, load_audio, load_config, normalise_level,
-                   require_writable, seed_everything)
+from utils import (REPO_ROOT, UserError, argmax, atomic_write, count_parameters, load_audio, load_config,
+                   normalise_level, require_writable, seed_everything)
 
 SEED = 0
 CPU = torch.device("cpu")
@@ -191,14 +191,14 @@ def stage_functions(system: System, wav: torch.Tensor) -> dict[str, Callable[[],
         padded = codec.pad(wav)
         features = predictor.features(padded)
         degraded_tokens = codec.encode(padded)
-        tokens = predictor.predict(predictor.condition(padded), degraded_tokens).argmax(-1)
+        tokens = argmax(predictor.predict(predictor.condition(padded), degraded_tokens))
 
     def stft_encoder() -> object:
         return predictor.features(padded), codec.encode(padded)
 
     def predict() -> object:
         with system.enhancer.predictor_precision():
-            return predictor.predict(predictor.branch(features), degraded_tokens).argmax(-1)
+            return argmax(predictor.predict(predictor.branch(features), degraded_tokens))
 
     return {
         "stft": lambda: predictor.features(padded),

@@ -36,9 +36,9 @@ from checkpoint import check_blend, check_decoding, load_codec, load_enhancer
 from models.codec import Codec
 from models.input_blend import input_blend_for, token_probability
 from models.int8 import quantize_predictor
-from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, atomic_write, find_audio_files, load_audio,
-                   load_config, normalise_level, prepare_audio, require_writable, resolve_device, run_command,
-                   save_audio)
+from utils import (AUDIO_EXTENSIONS, REPO_ROOT, AudioError, UserError, argmax, atomic_write, find_audio_files,
+                   load_audio, load_config, normalise_level, prepare_audio, require_writable, resolve_device,
+                   run_command, save_audio)
 
 DEFAULT_ENHANCER = REPO_ROOT / "pretrained" / "demo_paragse.pt"
 DEFAULT_CODEC = REPO_ROOT / "pretrained" / "demo_codec.pt"
@@ -156,13 +156,13 @@ class Enhancer:
             group_logits = self.predictor.predict(self.predictor.branch.context(frames), degraded_tokens)
         if self.blend is None:
             decoded = self.codec.decode_latent(self.latent(group_logits))
-            return self.codec.synthesise(decoded, segments.shape[-1]), group_logits.argmax(dim=-1)
+            return self.codec.synthesise(decoded, segments.shape[-1]), argmax(group_logits)
         probabilities = self.probabilities(group_logits)
         decoded = self.codec.decode_latent(self.latent(group_logits, probabilities))
         keep, fill = self.blend.band_gains(decoded, analysis, token_probability(probabilities, degraded_tokens))
         # Griffin-Lim (a MelCodec's: input_blend_for) only where the blend takes some of its output.
         generated = self.codec.griffin_lim(decoded, segments.shape[-1], self.blend.needed_frames(fill))
-        return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1]), group_logits.argmax(dim=-1)
+        return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1]), argmax(group_logits)
 
     def encode_and_front(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple | None, torch.Tensor]:
         """Token-aligned segments (batch, samples) -> (degraded tokens (batch, groups, frames), the blend's analysis
@@ -203,7 +203,7 @@ class Enhancer:
             if probabilities is None:
                 probabilities = self.probabilities(group_logits)
             return self.codec.quantizer.decode_expected(probabilities)
-        return self.codec.quantizer.decode(group_logits.argmax(dim=-1))
+        return self.codec.quantizer.decode(argmax(group_logits))
 
     def window_starts(self, length: int) -> list[int]:
         if length <= self.window:

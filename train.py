@@ -35,7 +35,7 @@ from models.losses import discriminator_hinge_loss, feature_matching_loss, gener
 from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, check_segment_length,
                   check_training_config, distributed, ensure_finite_weights, load_latest_checkpoint, log,
                   make_loader, setup_distributed)
-from utils import (UserError, count_parameters, find_audio_files, load_audio, load_config, normalise_level,
+from utils import (UserError, argmax, count_parameters, find_audio_files, load_audio, load_config, normalise_level,
                    require_dir, require_writable, seed_everything)
 
 
@@ -354,14 +354,14 @@ class EnhancerStage(Stage):
         grad_norm = self.apply_gradients(loss, loss, self.optimizers["enhancer"], self.model, guard, step)
         self.schedulers["enhancer"].step()
         return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.schedulers["enhancer"].get_last_lr()[0],
-                **extra, **token_accuracies(group_logits.detach().argmax(-1), clean_tokens, degraded_tokens)}
+                **extra, **token_accuracies(argmax(group_logits.detach()), clean_tokens, degraded_tokens)}
 
     @torch.inference_mode()
     def validate_one(self, degraded: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
         degraded, clean, gain = self.level(degraded[None], clean[None])
         degraded_tokens, clean_tokens = self.codec.encode(degraded), self.codec.encode(clean)
         group_logits = self.model.predict(self.model.condition(self.codec.pad(degraded)), degraded_tokens)
-        predicted = group_logits.argmax(-1)
+        predicted = argmax(group_logits)
         accuracies = token_accuracies(predicted, clean_tokens, degraded_tokens)
         enhanced = self.codec.decode(predicted, clean.shape[-1])[0] / gain[0]  # the input's level back
         return enhanced, {k: accuracies[k] for k in ("accuracy", "copy_accuracy")}

@@ -380,6 +380,26 @@ def magnitude(spectrum: torch.Tensor) -> torch.Tensor:
     return (spectrum.real.square() + spectrum.imag.square()).sqrt_()
 
 
+ARGMAX_BLOCK = 32  # values per block of `argmax`'s first pass (16 and 128 were slower on the codebook sizes here)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1), the same indices (the first maximum, NaN counting as the maximum), faster on a CPU.
+
+    torch's CPU argmax is not vectorised (7.7 ms for 16 x 501 x 1,024 logits on one thread, against 0.9 ms for
+    amax), so the last axis is cut into blocks: the block holding the first maximum by amax per block, then the
+    first maximum inside it (4.2 ms). Ties resolve as argmax's do: the first block with the maximum, then its first
+    position.
+    """
+    size = x.shape[-1]
+    if x.device.type != "cpu" or size % ARGMAX_BLOCK or size <= ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    blocks = x.unflatten(-1, (size // ARGMAX_BLOCK, ARGMAX_BLOCK))
+    block = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # (..., 1)
+    inside = blocks.gather(-2, block[..., None].expand(*block.shape, ARGMAX_BLOCK)).squeeze(-2).argmax(dim=-1)
+    return block.squeeze(-1) * ARGMAX_BLOCK + inside
+
+
 def istft(spectrum: torch.Tensor, n_fft: int, hop_length: int, win_length: int, length: int | None = None) -> torch.Tensor:
     """Inverse of `stft`: complex (batch, n_fft // 2 + 1, frames) -> (batch, length or (frames - 1) * hop)."""
     window = torch.hann_window(win_length, device=spectrum.device, dtype=spectrum.real.dtype)

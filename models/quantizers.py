@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from utils import UserError
+from utils import UserError, argmax
 
 
 @dataclass
@@ -47,8 +47,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, input_dim, frames) -> (output, tokens (batch, frames), codebook_loss, commitment_loss)."""
         projected = self.in_proj(x)  # (batch, codebook_dim, frames)
-        tokens = torch.matmul(F.normalize(projected.transpose(1, 2), dim=-1),
-                              F.normalize(self.codebook.weight, dim=-1).t()).argmax(dim=-1)
+        tokens = argmax(torch.matmul(F.normalize(projected.transpose(1, 2), dim=-1),
+                              F.normalize(self.codebook.weight, dim=-1).t()))
         codes = self.codebook(tokens).transpose(1, 2)
         codebook_loss = F.mse_loss(codes, projected.detach())
         commitment_loss = F.mse_loss(projected, codes.detach())
@@ -179,7 +179,7 @@ class SplitVectorQuantizer(nn.Module):
     def nearest(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """vectors (..., dim), codes (codebook_size, dim) -> index of the nearest code by Euclidean distance (...)."""
         # argmin |v - c|^2 = argmax (2 v.c - |c|^2): |v|^2 is the same for every code.
-        return (2 * torch.matmul(vectors, codes.t()) - codes.pow(2).sum(dim=-1)).argmax(dim=-1)
+        return argmax(2 * torch.matmul(vectors, codes.t()) - codes.pow(2).sum(dim=-1))
 
     def encode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent (batch, latent_dim, frames) -> tokens (batch, groups, frames)."""

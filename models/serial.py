@@ -14,6 +14,7 @@ from torch import nn
 
 from models.conformer import ConformerStack
 from models.paragse import DegradedBranch, STFTFeatures
+from utils import argmax
 
 
 class SerialEnhancer(nn.Module):
@@ -51,7 +52,7 @@ class SerialEnhancer(nn.Module):
         for k in range(self.num_groups):
             x = condition + self.previous[k](summed)
             logits = self.logits[k](self.generators[k](x[None])[0])  # (batch, frames, codes)
-            chosen = logits.argmax(-1) if teacher_tokens is None else teacher_tokens[:, k]
+            chosen = argmax(logits) if teacher_tokens is None else teacher_tokens[:, k]
             summed = summed + self.code_vectors[k][chosen]
             all_logits.append(logits)
         return torch.stack(all_logits, dim=1)
