@@ -23,7 +23,7 @@ from models.codec import Codec
 from models.conformer import ConvModule, GroupedBiLSTM, GroupedLinear
 from models.input_blend import input_blend_for
 from models.paragse import TokenBranches
-from utils import UserError, load_audio, load_config, normalise_level, save_audio, seed_everything
+from utils import UserError, argmax, load_audio, load_config, normalise_level, save_audio, seed_everything
 
 
 def _system(config_path: Path = TINY_CONFIG, seed: int = 0) -> tuple[Codec, torch.nn.Module]:
@@ -138,6 +138,19 @@ def test_token_parallel_predictor_gives_bit_identical_logits(speech: np.ndarray,
             assert torch.equal(model(padded, tokens), plain)
         finally:
             torch.set_num_threads(previous)
+
+
+def test_the_fast_token_argmax_picks_what_torch_argmax_picks() -> None:
+    """utils.argmax (tokens from logits, VQ look-ups) returns torch's indices: the first maximum on ties, NaN as the
+    maximum, any codebook size."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 50, 1024, generator=generator)
+    ties = torch.randint(0, 3, (3, 50, 256), generator=generator).float()  # many equal maxima per row
+    with_nan = torch.randn(6, 1024, generator=generator)
+    with_nan[0, 700], with_nan[1, 5], with_nan[1, 900], with_nan[2] = float("nan"), float("nan"), float("nan"), -1.0
+    odd = torch.randn(5, 1000, generator=generator)  # not a whole number of blocks
+    for values in (logits, ties, with_nan, odd, logits.transpose(1, 2)):
+        assert torch.equal(argmax(values), values.argmax(dim=-1))
 
 
 def _write_pair(folder: Path, speech: np.ndarray, seconds: float = 2.0, snr_db: float = 5.0) -> tuple[Path, Path]:
