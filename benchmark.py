@@ -16,10 +16,11 @@ change of machine load hits all of them alike. The machine's load average is rec
 Reported, per system: parameters (predictor, codec encoder, quantiser, decoder); GFLOPs per second of audio;
 real-time factor (compute seconds / audio seconds, lower is faster) of each stage and of the whole pipeline
 (inference.Enhancer.enhance_batch, exactly what inference.py runs); the serial/parallel RTF ratio; the CPU's
-measured fp32 matrix-multiply rate and the RTF it implies as a lower bound; RTF and peak resident memory against
-recording length through the windowed inference.Enhancer (each length in a fresh process, so the peak of one does
-not hide the next); throughput with batches of equal-length clips; and, with --quantize, int8 dynamic quantisation
-of the predictor: its RTF and the fraction of tokens identical to fp32.
+measured fp32 matrix-multiply rate (a 2048^2 product timed in the same interleaved rounds as the pipelines) and the
+RTF it implies as a lower bound; RTF and peak resident memory against recording length through the windowed
+inference.Enhancer (each length in a fresh process, so the peak of one does not hide the next); throughput with
+batches of equal-length clips; and, with --quantize, int8 dynamic quantisation of the predictor: its RTF and the
+fraction of tokens identical to fp32.
 
 --precision bf16 runs every token predictor (ParaGSE's and the serial baseline's) under bfloat16 autocast, as
 inference.py --precision bf16 does; the matmul rate behind the bound is then measured in bfloat16 too, and the JSON
@@ -228,14 +229,12 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) ->
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def matmul_gflops(threads: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
-    """Measured GFLOP/s of a 2048 x 2048 matrix product in `dtype` at `threads` threads (median of the repeats)."""
-    torch.set_num_threads(threads)
+def matmul_product(dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+    """A MATMUL_SIZE^2 matrix product in `dtype`, the yardstick of the bound: 2 * MATMUL_SIZE^3 FLOPs per call."""
     generator = torch.Generator().manual_seed(SEED)
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype)
-    seconds = interleaved_medians({"matmul": lambda: a @ b}, max(repeats, 10))["matmul"]
-    return 2 * MATMUL_SIZE**3 / seconds / 1e9
+    return lambda: a @ b
 
 
 def load_average() -> float:
@@ -298,9 +297,11 @@ def run_length_probes(args: argparse.Namespace) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------- measurements
 def measure_systems(systems: list[System], quantized: System | None, wav: torch.Tensor, seconds: float,
-                    repeats: int) -> dict[str, dict[str, float]]:
-    """RTF per stage for every system (and the quantised predictor's stages), all interleaved."""
-    calls: dict[str, Callable[[], object]] = {}
+                    repeats: int, matmul: Callable[[], object]) -> tuple[dict[str, dict[str, float]], float]:
+    """RTF per stage for every system (and the quantised predictor's stages), and the seconds one `matmul` takes,
+    all in the same interleaved rounds: this VM's speed drifts by 10-20 % within minutes, so a bound measured apart
+    from the pipelines moved their ratio to it by as much."""
+    calls: dict[str, Callable[[], object]] = {"bound/matmul": matmul}
     for system in systems:
         for stage, call in stage_functions(system, wav).items():
             calls[f"{system.name}/{stage}"] = call
@@ -308,11 +309,12 @@ def measure_systems(systems: list[System], quantized: System | None, wav: torch.
         stages = stage_functions(quantized, wav)
         calls["quantized/predictor"], calls["quantized/total"] = stages["predictor"], stages["total"]
     medians = interleaved_medians(calls, repeats)
+    matmul_seconds = medians.pop("bound/matmul")
     table: dict[str, dict[str, float]] = {}
     for key, value in medians.items():
         name, stage = key.split("/")
         table.setdefault(name, {})[stage] = value / seconds
-    return table
+    return table, matmul_seconds
 
 
 def system_gflops(system: System, wav: torch.Tensor, seconds: float, threads: int, add_lstm: bool) -> dict:
@@ -369,8 +371,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     add_lstm = counter_misses_lstm()
     gflops = {s.name: system_gflops(s, wav, seconds, args.threads, add_lstm) for s in systems}
-    matmul = matmul_gflops(args.threads, args.repeats, MATMUL_DTYPES[args.precision])
-    rtf = measure_systems(systems, quantized, wav, seconds, args.repeats)
+    rtf, matmul_seconds = measure_systems(systems, quantized, wav, seconds, args.repeats,
+                                          matmul_product(MATMUL_DTYPES[args.precision]))
+    matmul = 2 * MATMUL_SIZE**3 / matmul_seconds / 1e9
     result: dict = {
         "config": str(args.config or "config.json"), "threads": args.threads, "seconds": seconds,
         "precision": args.precision,
