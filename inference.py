@@ -161,8 +161,9 @@ class Enhancer:
         decoded = self.codec.decode_latent(self.latent(group_logits, probabilities))
         keep, fill = self.blend.band_gains(decoded, analysis, token_probability(probabilities, degraded_tokens))
         # Griffin-Lim (a MelCodec's: input_blend_for) only where the blend takes some of its output.
-        generated = self.codec.griffin_lim(decoded, segments.shape[-1], self.blend.needed_frames(fill))
-        return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1]), argmax(group_logits)
+        needed = self.blend.needed_frames(fill)
+        generated = self.codec.griffin_lim(decoded, segments.shape[-1], needed)
+        return self.blend.mix(analysis, keep, fill, generated, padded.shape[-1], needed), argmax(group_logits)
 
     def encode_and_front(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple | None, torch.Tensor]:
         """Token-aligned segments (batch, samples) -> (degraded tokens (batch, groups, frames), the blend's analysis

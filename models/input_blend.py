@@ -123,14 +123,14 @@ class InputBlend(nn.Module):
         return (fill > 0).flatten(0, 1).any(dim=0)
 
     def mix(self, analysis: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor, fill: torch.Tensor,
-            generated_wav: torch.Tensor, samples: int) -> torch.Tensor:
+            generated_wav: torch.Tensor, samples: int, needed: torch.Tensor | None = None) -> torch.Tensor:
         """The degraded spectrum under `keep` plus the generated speech's under `fill` -> wav (batch, length of
-        generated_wav); samples: the degraded input's length."""
+        generated_wav); samples: the degraded input's length; needed: `needed_frames(fill)`, if already computed."""
         length = generated_wav.shape[-1]
         # Frame-major spectra (batch, frames, bins); both share FrameSTFT's phase convention and the gains are real,
         # so the mix is the one utils.stft's spectra would give. The generated speech only where it is filled in.
         mixed = analysis[1] * torch.matmul(keep.transpose(1, 2), self.bin_weights)
-        filled = self.needed_frames(fill).nonzero().flatten()
+        filled = (self.needed_frames(fill) if needed is None else needed).nonzero().flatten()
         if filled.numel():
             generated = self.frame_stft(F.pad(generated_wav.float(), (0, samples - length)), filled)
             mixed[:, filled] += generated * torch.matmul(fill[..., filled].transpose(1, 2), self.bin_weights)
