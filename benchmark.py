@@ -297,11 +297,12 @@ def run_length_probes(args: argparse.Namespace) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------- measurements
 def measure_systems(systems: list[System], quantized: System | None, wav: torch.Tensor, seconds: float,
-                    repeats: int, matmul: Callable[[], object]) -> tuple[dict[str, dict[str, float]], float]:
-    """RTF per stage for every system (and the quantised predictor's stages), and the seconds one `matmul` takes,
-    all in the same interleaved rounds: this VM's speed drifts by 10-20 % within minutes, so a bound measured apart
-    from the pipelines moved their ratio to it by as much."""
-    calls: dict[str, Callable[[], object]] = {"bound/matmul": matmul}
+                    repeats: int, matmul: Callable[[], object] | None = None
+                    ) -> tuple[dict[str, dict[str, float]], float | None]:
+    """RTF per stage for every system (and the quantised predictor's stages), and the seconds one `matmul` takes (None
+    without one), all in the same interleaved rounds: this VM's speed drifts by 10-20 % within minutes, so a bound
+    measured apart from the pipelines moved their ratio to it by as much."""
+    calls: dict[str, Callable[[], object]] = {} if matmul is None else {"bound/matmul": matmul}
     for system in systems:
         for stage, call in stage_functions(system, wav).items():
             calls[f"{system.name}/{stage}"] = call
@@ -309,7 +310,7 @@ def measure_systems(systems: list[System], quantized: System | None, wav: torch.
         stages = stage_functions(quantized, wav)
         calls["quantized/predictor"], calls["quantized/total"] = stages["predictor"], stages["total"]
     medians = interleaved_medians(calls, repeats)
-    matmul_seconds = medians.pop("bound/matmul")
+    matmul_seconds = medians.pop("bound/matmul", None)
     table: dict[str, dict[str, float]] = {}
     for key, value in medians.items():
         name, stage = key.split("/")

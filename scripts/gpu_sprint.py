@@ -300,7 +300,7 @@ def stage_inference_rtf(options: dict, result_file: Path) -> None:
                for name, path in zip(("parallel", "serial"), configs)]
     rate = systems[0].codec.sample_rate
     wav = torch.from_numpy(benchmark.benchmark_audio(seconds, rate))[None].to(device)
-    stages = benchmark.measure_systems(systems, None, wav, wav.shape[-1] / rate, repeats)
+    stages, _ = benchmark.measure_systems(systems, None, wav, wav.shape[-1] / rate, repeats)
     results |= {"stages_parallel": stages["parallel"], "stages_serial": stages["serial"],
                 "rtf_parallel": stages["parallel"]["total"], "rtf_serial": stages["serial"]["total"],
                 "serial_over_parallel": stages["serial"]["total"] / stages["parallel"]["total"]}

@@ -91,7 +91,7 @@ def test_benchmark_times_both_pipelines_on_cuda_with_the_tokens_of_cpu():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     systems = [benchmark.build_system("parallel", config, cuda), benchmark.build_system("serial", serial, cuda)]
     wav = torch.from_numpy(benchmark.benchmark_audio(2.0, 16000))[None]
-    rtf = benchmark.measure_systems(systems, None, wav.to(cuda), 2.0, 2)
+    rtf, _ = benchmark.measure_systems(systems, None, wav.to(cuda), 2.0, 2)
     assert all(0 < rtf[name]["total"] < 10 for name in ("parallel", "serial"))
     with torch.inference_mode():
         on_gpu = systems[0].enhancer.enhance_batch(wav.to(cuda))[1].cpu()
