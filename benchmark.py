@@ -457,7 +457,7 @@ def checkpoint_stage_functions(enhancer: inference.Enhancer, wav: torch.Tensor) 
 
         def blend_stage() -> torch.Tensor:
             keep, fill = blend.band_gains(decoded, analysis, intact)
-            return blend.mix(analysis, keep, fill, generated, padded.shape[-1], blend.needed_frames(fill))
+            return blend.mix(analysis, keep, fill, generated, padded.shape[-1])
 
         # As the pipeline runs it: only the chunks the blend takes some of.
         stages["vocoder"] = lambda: codec.griffin_lim(decoded, wav.shape[-1], needed)

@@ -156,6 +156,7 @@ class MelGriffinLim(nn.Module):
             raise UserError(f"griffin_lim.overlap_frames ({overlap_frames}) must be at least 2 and below half of "
                             f"chunk_frames ({chunk_frames})")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
+        self.window_frames = -(-win_length // hop_length)  # the frames one window spans, rounded up
         self.iterations, self.momentum = iterations, momentum
         self.chunk_frames, self.overlap_frames = chunk_frames, overlap_frames
         self.run_tasks: Callable[[list[Callable[[], torch.Tensor]]], list[torch.Tensor]] = \
@@ -206,8 +207,7 @@ class MelGriffinLim(nn.Module):
         """
         if needed is None:
             return [(0, frames)]
-        window_frames = -(-self.win_length // self.hop_length)
-        margin = window_frames + 1 + -(-window_frames // 2)
+        margin = self.window_frames + 1 + -(-self.window_frames // 2)
         near = F.max_pool1d(needed.float()[None], 2 * margin + 1, 1, margin)[0] > 0
         edges = torch.diff(near.to(torch.int8), prepend=near.new_zeros(1, dtype=torch.int8),
                            append=near.new_zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
@@ -237,12 +237,11 @@ class MelGriffinLim(nn.Module):
         # magnitude). A frame then sees no sample of a neighbouring stretch, and the silent frames add nothing: each
         # stretch is iterated apart, but with the operations (and Python's dispatch, which two threads cannot share)
         # of one sequence instead of one per stretch. The whole recording is one stretch without a gap.
-        gap = -(-self.win_length // hop)
         pieces, offsets = [], []
         for first, end in stretches:
             offsets.append(sum(piece.shape[1] for piece in pieces))
             magnitude = self.magnitude(log_mel[..., first:end])
-            pieces += [magnitude, magnitude.new_zeros(magnitude.shape[0], gap, magnitude.shape[2])]
+            pieces += [magnitude, magnitude.new_zeros(magnitude.shape[0], self.window_frames, magnitude.shape[2])]
         # The input blend's stretches make a short sequence: in two chunks it keeps two concurrent tasks busy, not
         # one (two whatever the thread count, so that the output does not depend on it). A whole recording keeps
         # its chunks: a short one cut in two lost copy-synthesis ESTOI (docs/experiments.md, item 29).

@@ -19,7 +19,7 @@ from utils import UserError, stft
 ATAN2_BLOCK = 16384  # elements: below torch's parallel grain size (32,768), and a multiple of every SIMD width
 
 
-def phase_angle(imag: torch.Tensor, real: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def phase_angle(imag: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """atan2(imag, real) of contiguous tensors, computed the same way whatever the thread count.
 
     Why not one torch.atan2 call: on CPU, atan2 of the strided real/imag views of a complex tensor takes the scalar
@@ -29,12 +29,12 @@ def phase_angle(imag: torch.Tensor, real: torch.Tensor, out: torch.Tensor | None
     vectorised call on one thread, so the features do not depend on how many threads run them (nor, since the
     blocks start afresh in every batch item, on what else is in the batch).
 
-    imag, real (batch, ...) contiguous; out, if given, contiguous within each batch item.
+    imag, real (batch, ...) contiguous.
     """
-    out = torch.empty_like(real) if out is None else out
+    out = torch.empty_like(real)
     if real.device.type != "cpu":
         return torch.atan2(imag, real, out=out)
-    for item in range(real.shape[0]):  # item by item: `out` may be a slice, contiguous only within an item
+    for item in range(real.shape[0]):  # item by item: the blocks of each start at its first element
         flat_imag, flat_real, angle = imag[item].reshape(-1), real[item].reshape(-1), out[item].view(-1)
         for start in range(0, flat_real.numel(), ATAN2_BLOCK):
             block = slice(start, start + ATAN2_BLOCK)
