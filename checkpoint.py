@@ -294,22 +294,36 @@ def check_decoding(decoding: str, temperature: float, predictor_class: type | No
                         "baseline chooses each stage's token given the ones before")
 
 
-BLEND_EXAMPLE = '{"smoothing_frames": 16, "fill_tolerance": 3.0}'
+BLEND_EXAMPLE = ('{"smoothing_frames": 16, "fill_tolerance": 3.0, "band_limit_depth_db": 60.0, '
+                 '"band_limit_max_hz": 6000.0, "band_limit_clean_db": [20.0, 35.0]}')
+_BLEND_KEYS = {"smoothing_frames", "fill_tolerance"}
+# The band-limit rule's: all three or none (none in checkpoints exported before the rule).
+_BAND_LIMIT_KEYS = {"band_limit_depth_db", "band_limit_max_hz", "band_limit_clean_db"}
 
 
 def check_blend(blend: dict | None) -> None:
-    """Refuse, in one line, an inference.blend that is neither null nor {"smoothing_frames": N >= 1,
-    "fill_tolerance": T >= 1} (models/input_blend.py)."""
+    """Refuse, in one line, an inference.blend that is neither null nor like BLEND_EXAMPLE: smoothing_frames an
+    integer >= 1, fill_tolerance >= 1, and the band-limit rule's depth and frequency positive and its clean range
+    [low, high] with 0 <= low < high, or all three left out (models/input_blend.py)."""
     if blend is None:
         return
-    valid = isinstance(blend, dict) and set(blend) == {"smoothing_frames", "fill_tolerance"}
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    valid = isinstance(blend, dict) and set(blend) in (_BLEND_KEYS, _BLEND_KEYS | _BAND_LIMIT_KEYS)
     if valid:
         frames, tolerance = blend["smoothing_frames"], blend["fill_tolerance"]
         valid = (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1
-                 and isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance >= 1)
+                 and number(tolerance) and tolerance >= 1)
+    if valid and "band_limit_clean_db" in blend:
+        clean = blend["band_limit_clean_db"]
+        valid = (all(number(blend[k]) and blend[k] > 0 for k in ("band_limit_depth_db", "band_limit_max_hz"))
+                 and isinstance(clean, list) and len(clean) == 2 and all(number(x) for x in clean)
+                 and 0 <= clean[0] < clean[1])
     if not valid:
-        raise UserError(f"inference.blend must be null or like {BLEND_EXAMPLE} (N >= 1 frames, tolerance >= 1), "
-                        f"not {blend!r}")
+        raise UserError(f"inference.blend must be null or like {BLEND_EXAMPLE} (N >= 1 frames, tolerance >= 1, the "
+                        f"band-limit keys all three or none), not {blend!r}")
 
 
 def parse_blend(text: str) -> dict | None:

@@ -17,7 +17,8 @@ class LogMel(nn.Module):
     def __init__(self, sample_rate: int, n_fft: int, hop_length: int, win_length: int, n_mels: int,
                  log_floor: float):
         super().__init__()
-        self.n_fft, self.hop_length, self.win_length, self.log_floor = n_fft, hop_length, win_length, log_floor
+        self.sample_rate, self.n_fft, self.hop_length = sample_rate, n_fft, hop_length
+        self.win_length, self.log_floor = win_length, log_floor
         filters = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)  # no numba compile
         self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)
 
