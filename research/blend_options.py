@@ -8,7 +8,8 @@ Each option EXPONENT,TOLERANCE,SMOOTHING_FRAMES[,INPUT_WEIGHT[,FILL_TOLERANCE]] 
 input's gain per mel band is INPUT_WEIGHT * min(1, TOLERANCE * P / D) ** EXPONENT and the generated speech fills
 sqrt(1 - min(1, FILL_TOLERANCE * gain * D / P) ** 2) (both extra values default to 1), P and D the predicted and
 degraded band magnitudes averaged over SMOOTHING_FRAMES; 1,1,N,1,F is the shipped InputBlend with
-smoothing_frames N and fill_tolerance F, and "none" the codec's re-synthesis alone. A steep exponent with a tolerance above 1 keeps the
+smoothing_frames N and fill_tolerance F (without its band-limit rule, docs/experiments.md item 34), and "none" the
+codec's re-synthesis alone. A steep exponent with a tolerance above 1 keeps the
 input only where it is within the tolerance of the prediction and takes the generated speech elsewhere. Every option
 enhances the same files (compare_peers.py's choice: --files recordings of every condition) with the same model;
 prints PESQ / ESTOI (and DNSMOS OVRL with --dnsmos) per condition, as docs/experiments.md item 26 reports them.
