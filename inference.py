@@ -83,9 +83,9 @@ class Enhancer:
         removed; the output gets the input's level back. None: level as given (DC still removed).
         precision: "fp32", or "bf16" for the token predictor under bfloat16 autocast (see predictor_precision).
         blend: None (the codec's re-synthesis is the output, as in the paper) or InputBlend's smoothing_frames and
-        fill_tolerance, with or without band_limit_depth_db and band_limit_max_hz: the degraded input kept where the
-        predicted log-mel says it is intact, and below the limit of a band-limited input (models/input_blend.py; a
-        predictor only)."""
+        fill_tolerance, with or without band_limit_depth_db, band_limit_max_hz and band_limit_clean_db: the degraded
+        input kept where the predicted log-mel says it is intact, and below the limit of a band-limited input as far
+        as it looks clean (models/input_blend.py; a predictor only)."""
         check_decoding(decoding, temperature, type(predictor) if predictor is not None else None)
         self.codec = codec.to(device).eval()
         self.predictor = predictor.to(device).eval() if predictor is not None else None

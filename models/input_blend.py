@@ -25,12 +25,11 @@ stands more than `band_limit_depth_db` below the input's strongest band, over th
 band lies at or below `band_limit_max_hz`) keeps every band below the limit as it is, and the generated speech fills
 the bands above it: the low-band replacement of bandwidth-extension systems. Without it the model's error in the
 intact bands (the prediction a little below the input) cost band-limited speech ESTOI (test split: 0.994 in, 0.850
-out). The limit is
-judged from the input alone, and a recording can have been noisy before it was band-limited (a natively narrow-band
-source in noise), so the input below the limit is kept whole only as far as it looks clean: by its dynamic range
-(the 95th against the 10th percentile of its frames' power below the limit), not at all up to the first value of
-`band_limit_clean_db`, fully from the second, in proportion between; a noisy one is blended as above (chosen in
-docs/experiments.md, item 34). A full-band input has no empty top band and is blended as above.
+out). The limit is judged from the input alone, and a recording can have been noisy before it was band-limited (a
+natively narrow-band source in noise), so the input below the limit is kept whole only as far as it looks clean: by
+its dynamic range (the 95th against the 10th percentile of its frames' power below the limit), not at all up to the
+first value of `band_limit_clean_db`, fully from the second, in proportion between; a noisy one is blended as above
+(chosen in docs/experiments.md, item 34). A full-band input has no empty top band and is blended as above.
 Measured in docs/experiments.md, items 26 and 28: it raises PESQ and ESTOI of noisy, band-limited and clipped
 input, and lowers DNSMOS OVRL (what is kept of the input keeps some of its noise, reverberation and distortion): a
 choice for intelligibility and fidelity over naturalness, which `inference.py --no_blend` reverses.
