@@ -25,6 +25,7 @@ import torch
 
 from models import ENHANCERS, build_codec, build_enhancer
 from models.codec import Codec, codec_classes
+from models.input_blend import settings_problem
 from utils import UserError, atomic_write, load_config, run_command
 
 FORMAT = 2
@@ -302,28 +303,16 @@ _BAND_LIMIT_KEYS = {"band_limit_depth_db", "band_limit_max_hz", "band_limit_clea
 
 
 def check_blend(blend: dict | None) -> None:
-    """Refuse, in one line, an inference.blend that is neither null nor like BLEND_EXAMPLE: smoothing_frames an
-    integer >= 1, fill_tolerance >= 1, and the band-limit rule's depth and frequency positive and its clean range
-    [low, high] with 0 <= low < high, or all three left out (models/input_blend.py)."""
+    """Refuse, in one line, an inference.blend that is neither null nor like BLEND_EXAMPLE: its keys (the band-limit
+    rule's three all or none) and then its values, as models/input_blend.py's settings_problem accepts them."""
     if blend is None:
         return
-
-    def number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    valid = isinstance(blend, dict) and set(blend) in (_BLEND_KEYS, _BLEND_KEYS | _BAND_LIMIT_KEYS)
-    if valid:
-        frames, tolerance = blend["smoothing_frames"], blend["fill_tolerance"]
-        valid = (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1
-                 and number(tolerance) and tolerance >= 1)
-    if valid and "band_limit_clean_db" in blend:
-        clean = blend["band_limit_clean_db"]
-        valid = (all(number(blend[k]) and blend[k] > 0 for k in ("band_limit_depth_db", "band_limit_max_hz"))
-                 and isinstance(clean, list) and len(clean) == 2 and all(number(x) for x in clean)
-                 and 0 <= clean[0] < clean[1])
-    if not valid:
-        raise UserError(f"inference.blend must be null or like {BLEND_EXAMPLE} (N >= 1 frames, tolerance >= 1, the "
-                        f"band-limit keys all three or none), not {blend!r}")
+    if not (isinstance(blend, dict) and set(blend) in (_BLEND_KEYS, _BLEND_KEYS | _BAND_LIMIT_KEYS)):
+        raise UserError(f"inference.blend must be null or like {BLEND_EXAMPLE} (the band-limit keys all three or "
+                        f"none), not {blend!r}")
+    problem = settings_problem(**blend)
+    if problem:
+        raise UserError(f"inference.blend: {problem}")
 
 
 def parse_blend(text: str) -> dict | None:

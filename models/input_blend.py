@@ -45,8 +45,33 @@ from models.log_mel import LogMel
 from utils import UserError
 
 
+def settings_problem(smoothing_frames: object, fill_tolerance: object, band_limit_depth_db: object = None,
+                     band_limit_max_hz: object = None, band_limit_clean_db: object = None) -> str | None:
+    """What is wrong with the blend's settings, in a few words, or None: smoothing_frames an integer of 1 or more,
+    fill_tolerance a number of 1 or more, and the band-limit rule's depth and frequency positive numbers and its
+    clean range [low, high] with 0 <= low < high, all three or none. The one check behind InputBlend and a
+    checkpoint's inference.blend (checkpoint.check_blend), so that both refuse the same settings."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+    if not (isinstance(smoothing_frames, int) and not isinstance(smoothing_frames, bool) and smoothing_frames >= 1):
+        return f"smoothing_frames must be an integer of 1 or more, not {smoothing_frames!r}"
+    if not (number(fill_tolerance) and fill_tolerance >= 1):
+        return f"fill_tolerance must be 1 or more, not {fill_tolerance!r}"
+    rule = (band_limit_depth_db, band_limit_max_hz, band_limit_clean_db)
+    if all(x is None for x in rule):
+        return None
+    clean = band_limit_clean_db
+    if not (all(number(x) and x > 0 for x in rule[:2]) and isinstance(clean, (list, tuple)) and len(clean) == 2
+            and all(number(x) for x in clean) and 0 <= clean[0] < clean[1]):
+        return ("band_limit_depth_db and band_limit_max_hz must be positive and band_limit_clean_db [low, high] with "
+                f"0 <= low < high, all three given or none, not {band_limit_depth_db!r}, {band_limit_max_hz!r} and "
+                f"{band_limit_clean_db!r}")
+    return None
+
+
 class InputBlend(nn.Module):
-    """Degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input falls short."""
+    """The degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input lacks."""
 
     def __init__(self, log_mel: LogMel, frame_stft: FrameSTFT, bands_per_group: int, smoothing_frames: int,
                  fill_tolerance: float, band_limit_depth_db: float | None = None,
@@ -58,18 +83,11 @@ class InputBlend(nn.Module):
         rule's band_limit_depth_db and band_limit_max_hz (positive) and band_limit_clean_db (low, high), all three
         or none (no band-limit rule, as in checkpoints exported before it): see the module's docstring."""
         super().__init__()
+        problem = settings_problem(smoothing_frames, fill_tolerance, band_limit_depth_db, band_limit_max_hz,
+                                   band_limit_clean_db)
+        if problem:
+            raise UserError(f"inference.blend: {problem}")
         self.bands_per_group = bands_per_group
-        if smoothing_frames < 1:
-            raise UserError(f"inference.blend.smoothing_frames must be 1 or more, not {smoothing_frames}")
-        if not fill_tolerance >= 1:
-            raise UserError(f"inference.blend.fill_tolerance must be 1 or more, not {fill_tolerance}")
-        rule = (band_limit_depth_db, band_limit_max_hz, band_limit_clean_db)
-        if not (all(x is None for x in rule) or (
-                None not in rule and band_limit_depth_db > 0 and band_limit_max_hz > 0
-                and len(band_limit_clean_db) == 2 and 0 <= band_limit_clean_db[0] < band_limit_clean_db[1])):
-            raise UserError("inference.blend.band_limit_depth_db and band_limit_max_hz (positive) and "
-                            "band_limit_clean_db ([low, high], 0 <= low < high) must be given together or not at all, "
-                            f"not {band_limit_depth_db}, {band_limit_max_hz} and {band_limit_clean_db}")
         self.log_mel = log_mel
         self.frame_stft = frame_stft
         self.smoothing_frames, self.fill_tolerance = smoothing_frames, fill_tolerance

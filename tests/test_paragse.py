@@ -343,7 +343,7 @@ def test_a_band_limited_recording_keeps_its_own_band_below_the_limit(speech: np.
         assert rule.bands_below_limit(rule.analyse(noisy_band_limited)[0]).item() > 0  # the limit is found
         assert torch.equal(rule(noisy_band_limited, short, doubt, clean),
                            plain(noisy_band_limited, short, doubt, clean))  # but the noise is not kept
-    with pytest.raises(UserError, match="together or not at all"):
+    with pytest.raises(UserError, match="all three given or none"):
         input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0, band_limit_depth_db=60.0)
 
 
@@ -369,8 +369,10 @@ def test_the_blend_keeps_a_clean_recording_nearer_than_the_codec_alone_and_can_b
     assert inference.main(argv + ["--no_blend"]) == 0
     assert json.loads((tmp_path / "out" / inference.SETTINGS_FILE).read_text())["blend"] is False
     assert inference.main(argv) == 2  # the folder holds re-synthesis: blending into it is refused
-    with pytest.raises(UserError, match="inference.blend must be null"):
+    with pytest.raises(UserError, match="inference.blend: smoothing_frames must be an integer of 1 or more, not 0"):
         checkpoint.export(enhancer_path, tmp_path / "bad.pt", blend='{"smoothing_frames": 0, "fill_tolerance": 3.0}')
+    with pytest.raises(UserError, match="inference.blend must be null or like"):
+        checkpoint.export(enhancer_path, tmp_path / "bad.pt", blend='{"smoothing_frames": 16}')
 
 
 def test_a_long_recording_stays_within_memory_at_paper_configuration(tmp_path: Path, speech: np.ndarray) -> None:
