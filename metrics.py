@@ -64,6 +64,9 @@ METRICS: dict[str, tuple[str, int]] = {
 }
 # Opt-in (evaluate.py --metrics): what a generative enhancer can get wrong while sounding clean.
 OPTIONAL_METRICS = ("spk_sim", "visqol", "wer")
+# Raised whenever a metric's definition changes, so that scores stored by an earlier revision are not reused beside
+# new ones (scripts/compare_peers.py). 2: every file's transcript from a fresh recogniser front end.
+METRICS_REVISION = 2
 DEGRADED_PREFIX = "degraded_"
 
 
@@ -268,6 +271,10 @@ def normalise_words(text: str) -> str:
 def recognise(audio: np.ndarray) -> str:
     decoder = _model("wer")
     pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767).astype(np.int16)
+    # The recogniser's front end (its noise-removal filter) carries its state from one utterance to the next, so a
+    # file's transcript depended on which files the same worker had recognised before it: WERs moved from run to
+    # run. A fresh front end for every file (30 us) makes each transcript the file's own.
+    decoder.reinit_feat()
     decoder.start_utt()
     decoder.process_raw(pcm.tobytes(), full_utt=True)
     decoder.end_utt()

@@ -13,9 +13,12 @@ examples/ is laid out (clean/ and degraded/<condition>/). --files N takes N clea
 --min_seconds long, evenly spread over the sorted list, so every source of the split is represented) and every
 condition of each. Every system (the checkpoint, default the shipped demo model, and each peer of peers.py) enhances
 exactly those files on --threads CPU threads, timed; the degraded input is scored as a system of its own. Scores are
-evaluate.py's (wide-band PESQ, ESTOI, DNSMOS OVRL and the rest) against the clean files. --checkpoint may be given
-several times (NAME=PATH names its row). A rerun on the same files reuses the peers' and the degraded input's
-scores from OUTPUT_DIR (they do not change) unless --rescore; checkpoints are always run afresh.
+evaluate.py's (wide-band PESQ, ESTOI, DNSMOS OVRL and the rest) against the clean files. The clean files themselves
+get a reference row with what needs no reference (DNSMOS, and the word error rate with transcripts): what the
+non-intrusive metrics say of the targets every system is measured against. --checkpoint may be given several times
+(NAME=PATH names its row). A rerun on the same files reuses the scores of the peers, the degraded input and the
+clean reference from OUTPUT_DIR (they do not change; scores of an earlier revision of the metrics are not reused)
+unless --rescore; checkpoints are always run afresh.
 
 Writes OUTPUT_DIR/<system>/<condition>/..., OUTPUT_DIR/scores_<system>.csv, and the table as OUTPUT_DIR/peers.md
 and peers.json (per condition and over all conditions, with each system's real-time factor), and prints it.
@@ -40,6 +43,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 import peers  # noqa: E402
 from degradations import CONDITIONS  # noqa: E402
 from inference import DEFAULT_ENHANCER, PRECISIONS, Enhancer  # noqa: E402
@@ -51,6 +55,7 @@ SAMPLE_RATE = 16000
 TABLE_METRICS = (("pesq", 2), ("estoi", 3), ("dnsmos_ovrl", 2))
 EXTRA_TABLE_METRICS = (("spk_sim", 3), ("visqol", 2), ("wer", 3))  # WER: lower is better
 DEGRADED = "degraded input"
+CLEAN = "clean speech (reference)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -171,9 +176,33 @@ def reusable(output_dir: Path, files: list[Path], name: str, scoring: dict) -> d
     return result if (output_dir / f"scores_{file_stem(name)}.csv").is_file() else None
 
 
+def score_clean(files: list[Path], clean_dir: Path, conditions: dict[str, Path], dnsmos: bool,
+                transcripts: dict[str, str] | None) -> tuple[list[dict], dict]:
+    """The clean recordings' own scores on the metrics that need no reference: DNSMOS (when `dnsmos`) and, with
+    `transcripts`, the word error rate. Every condition is made from the same clean files, so each condition's means
+    are theirs. Returns the CSV rows and the result ({"rtf": None, "means", "errors"})."""
+    rows = []
+    for rel in tqdm(files, desc=CLEAN, unit="file", leave=False, disable=None):
+        row: dict = {"file": rel.as_posix(), "condition": "clean"}
+        try:
+            audio = load_audio(clean_dir / rel, SAMPLE_RATE)[0]
+            if dnsmos:
+                row.update(metrics.dnsmos_scores(audio))
+            transcript = transcripts.get(rel.with_suffix("").as_posix()) if transcripts else None
+            if transcript is not None:
+                row["wer"] = metrics.word_error_rate(audio, transcript)
+            row["error"] = ""
+        except (AudioError, metrics.MetricError) as e:
+            row = {"file": rel.as_posix(), "condition": "clean", "error": str(e)}
+        rows.append(row)
+    overall = evaluate.condition_means(rows).get("all", {})
+    means = {condition: overall for condition in [*conditions, "all"]}
+    return rows, {"rtf": None, "means": means, "errors": sum(1 for r in rows if r["error"])}
+
+
 def table(results: dict[str, dict], columns: tuple[tuple[str, int], ...] = TABLE_METRICS) -> str:
     """Markdown: one row per system, the `columns` metrics per condition and over all, and the RTF; the best
-    value of each column in bold (the lowest for WER)."""
+    value of each column in bold (the lowest for WER), the clean reference row not counted."""
     present = set().union(*(r["means"] for r in results.values()))
     conditions = [c for c in CONDITIONS if c in present] + ["all"]
     names = " / ".join(evaluate.METRICS[m][0] for m, _ in columns)
@@ -186,20 +215,21 @@ def table(results: dict[str, dict], columns: tuple[tuple[str, int], ...] = TABLE
     best = {}
     for c in conditions:
         for m, _ in columns:
-            values = finite([r["means"].get(c, {}).get(m, math.nan) for r in results.values()])
+            values = finite([r["means"].get(c, {}).get(m, math.nan) for name, r in results.items() if name != CLEAN])
             best[(c, m)] = (min(values) if m == "wer" else max(values)) if values else None
 
-    def cell(values: dict, condition: str) -> str:
+    def cell(values: dict, condition: str, bold: bool) -> str:
         parts = []
         for metric, decimals in columns:
             value = values.get(metric, math.nan)
             text = "–" if not math.isfinite(value) else f"{value:.{decimals}f}"
-            parts.append(f"**{text}**" if math.isfinite(value) and value == best[(condition, metric)] else text)
+            is_best = bold and math.isfinite(value) and value == best[(condition, metric)]
+            parts.append(f"**{text}**" if is_best else text)
         return " / ".join(parts)
 
     for name, result in results.items():
         rtf = result.get("rtf")
-        cells = [cell(result["means"].get(c, {}), c) for c in conditions]
+        cells = [cell(result["means"].get(c, {}), c, bold=name != CLEAN) for c in conditions]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if rtf is None else f'{rtf:.3f}'} |")
     return "\n".join(lines)
 
@@ -231,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(files)} clean recordings x {len(conditions)} conditions ({', '.join(conditions)}) from "
           f"{args.test_dir}; systems: {', '.join(systems)}; {args.threads} threads", flush=True)
 
-    scoring = {"dnsmos": not args.no_dnsmos, "metrics": list(extra), "transcripts": bool(transcripts)}
+    scoring = {"dnsmos": not args.no_dnsmos, "metrics": list(extra), "transcripts": bool(transcripts),
+               "revision": metrics.METRICS_REVISION}
     results: dict[str, dict] = {}
     for name in [DEGRADED, *loaded_peers]:
         earlier = None if args.rescore else reusable(args.output_dir, files, name, scoring)
@@ -242,10 +273,19 @@ def run(args: argparse.Namespace) -> int:
             results[name] = {"rtf": None}
         else:
             results[name] = enhance_all(name, loaded_peers[name], files, conditions, args.output_dir)
+    if scoring["dnsmos"] or "wer" in extra:
+        earlier = None if args.rescore else reusable(args.output_dir, files, CLEAN, scoring)
+        if earlier is not None:
+            results[CLEAN] = earlier
+        else:
+            print(f"scoring {CLEAN} ...", flush=True)
+            rows, results[CLEAN] = score_clean(files, clean_dir, conditions, scoring["dnsmos"],
+                                               transcripts if "wer" in extra else None)
+            evaluate.write_csv(rows, args.output_dir / f"scores_{file_stem(CLEAN)}.csv")
     for name, system in systems.items():
         results[name] = enhance_all(name, system, files, conditions, args.output_dir)
-    order = [DEGRADED, *systems, *loaded_peers]
-    results = {name: results[name] for name in order}
+    order = [CLEAN, DEGRADED, *systems, *loaded_peers]
+    results = {name: results[name] for name in order if name in results}
     for name, result in results.items():
         if "means" in result:
             continue

@@ -3,6 +3,7 @@ trained checkpoint beside them. The peers come from requirements-peers.txt, whic
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -80,6 +81,28 @@ def test_compare_peers_scores_the_model_beside_a_peer_per_condition(tmp_path: Pa
     assert {p["key"] for p in points} == {"test/pesq", "test/estoi"} and {p["step"] for p in points} == {str(step)}
     # The enhanced files are kept, one per condition and file, beside the inputs they came from.
     assert len(list((out / "noisereduce").rglob("*.wav"))) == 10
+
+
+def test_compare_peers_gives_the_clean_recordings_own_non_intrusive_scores_as_a_reference_row() -> None:
+    """DNSMOS and the word error rate need no reference, so the clean targets have scores of their own: the row that
+    tells a reader what those metrics say of the speech every system is measured against."""
+    spec = importlib.util.spec_from_file_location("compare_peers", SCRIPT)
+    compare_peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_peers)
+    clean_dir = EXAMPLES / "clean"
+    conditions = compare_peers.condition_dirs(EXAMPLES)
+    files = compare_peers.select_files(clean_dir, conditions, 2, 1.5)
+    rows, reference = compare_peers.score_clean(files, clean_dir, conditions, dnsmos=True, transcripts=None)
+    assert [r["error"] for r in rows] == ["", ""] and all(1.0 <= r["dnsmos_ovrl"] <= 5.0 for r in rows)
+    assert set(reference["means"]) == set(conditions) | {"all"}
+    assert reference["means"]["noise"] == reference["means"]["all"] and reference["means"]["all"]["n"] == 2
+    assert reference["means"]["all"]["dnsmos_ovrl"] == pytest.approx(np.mean([r["dnsmos_ovrl"] for r in rows]))
+    # Beside a system, its row shows only what was measured, never in bold, and the system's cells keep the bold.
+    system = {"rtf": 0.1, "means": {c: {"pesq": 2.0, "estoi": 0.5, "dnsmos_ovrl": 1.0} for c in [*conditions, "all"]}}
+    table = compare_peers.table({compare_peers.CLEAN: reference, "system": system})
+    ovrl = f"{reference['means']['all']['dnsmos_ovrl']:.2f}"
+    assert f"| {compare_peers.CLEAN} | – / – / {ovrl} |" in table and f"**{ovrl}**" not in table
+    assert "| system | **2.00** / **0.500** / **1.00** |" in table
 
 
 def test_compare_peers_refuses_a_folder_without_conditions(tmp_path: Path) -> None:
