@@ -71,7 +71,7 @@ def settings_problem(smoothing_frames: object, fill_tolerance: object, band_limi
 
 
 class InputBlend(nn.Module):
-    """The degraded STFT under band gains from the predicted log-mel, plus the generated STFT where the input lacks."""
+    """The degraded STFT under band gains from the predicted log-mel, plus the generated STFT for what it lacks."""
 
     def __init__(self, log_mel: LogMel, frame_stft: FrameSTFT, bands_per_group: int, smoothing_frames: int,
                  fill_tolerance: float, band_limit_depth_db: float | None = None,
