@@ -159,9 +159,10 @@ class InputBlend(nn.Module):
         keep = keep + (1.0 - keep) * trust
         if self.band_limit_depth_db is not None:
             below = torch.arange(keep.shape[1], device=keep.device) < self.bands_below_limit(degraded_bands)[:, None]
-            clean = self.cleanness(degraded_bands, below)[:, None, None] * below[..., None]  # (batch, n_mels, 1)
-            keep = keep + (1.0 - keep) * clean
-            fill = fill * (1.0 - clean)
+            if below.any():  # most inputs are full-band: nothing to keep, no dynamic range to measure
+                clean = self.cleanness(degraded_bands, below)[:, None, None] * below[..., None]  # (batch, n_mels, 1)
+                keep = keep + (1.0 - keep) * clean
+                fill = fill * (1.0 - clean)
         return keep, fill
 
     def bands_below_limit(self, degraded_bands: torch.Tensor) -> torch.Tensor:
