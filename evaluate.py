@@ -61,8 +61,8 @@ def _counterpart_or_flat(root: Path, rel: Path) -> Path | None:
     return found
 
 
-def _manifest_key(path: str | Path) -> str:
-    """Manifest lookup key: posix relative path without extension, so a.wav matches a.flac."""
+def manifest_key(path: str | Path) -> str:
+    """Manifest and transcript lookup key: posix relative path without extension, so a.wav matches a.flac."""
     return Path(path).with_suffix("").as_posix()
 
 
@@ -76,7 +76,7 @@ def read_transcripts(path: str | Path) -> dict[str, str]:
         if not {"file", "text"} <= set(reader.fieldnames or []):
             columns = ", ".join(reader.fieldnames or [])
             raise UserError(f"transcripts {path} need columns 'file' and 'text' (has {columns})")
-        return {_manifest_key(r["file"].strip()): r["text"].strip() for r in reader
+        return {manifest_key(r["file"].strip()): r["text"].strip() for r in reader
                 if (r.get("file") or "").strip()}
 
 
@@ -104,7 +104,7 @@ def read_manifest(path: str | Path) -> dict[str, str]:
             name, condition = (record.get("file") or "").strip(), (record.get("condition") or "").strip()
             if not name or not condition:
                 raise UserError(f"manifest {path} line {line}: empty file or condition")
-            key = _manifest_key(name)
+            key = manifest_key(name)
             if conditions.get(key, condition) != condition:
                 raise UserError(f"manifest {path} gives {name} two conditions ({conditions[key]}, {condition})")
             conditions[key] = condition
@@ -140,9 +140,9 @@ def build_jobs(
         degraded = _counterpart_or_flat(degraded_root, rel) if degraded_root is not None else None
         condition = rel.parts[0] if len(rel.parts) > 1 else "all"
         if manifest is not None:
-            keys = [_manifest_key(rel)]
+            keys = [manifest_key(rel)]
             if clean is not None:
-                keys.append(_manifest_key(clean.relative_to(clean_root)))
+                keys.append(manifest_key(clean.relative_to(clean_root)))
             listed = next((manifest[k] for k in keys if k in manifest), None)
             if listed is None:
                 not_in_manifest += 1
@@ -155,7 +155,7 @@ def build_jobs(
             error = f"no degraded counterpart in {degraded_root}"
         transcript = None
         if transcripts is not None and clean is not None:
-            transcript = transcripts.get(_manifest_key(clean.relative_to(clean_root)))
+            transcript = transcripts.get(manifest_key(clean.relative_to(clean_root)))
         jobs.append(Job(rel.as_posix(), condition, enhanced_root / rel, clean, degraded, degraded_root is not None, error,
                         transcript))
 

@@ -188,7 +188,7 @@ def score_clean(files: list[Path], clean_dir: Path, conditions: dict[str, Path],
             audio = load_audio(clean_dir / rel, SAMPLE_RATE)[0]
             if dnsmos:
                 row.update(metrics.dnsmos_scores(audio))
-            transcript = transcripts.get(rel.with_suffix("").as_posix()) if transcripts else None
+            transcript = transcripts.get(evaluate.manifest_key(rel)) if transcripts else None
             if transcript is not None:
                 row["wer"] = metrics.word_error_rate(audio, transcript)
             row["error"] = ""
