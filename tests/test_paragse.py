@@ -486,31 +486,3 @@ def test_a_loss_on_the_expected_codebook_vectors_trains_beside_the_cross_entropy
     assert train.main(["--stage", "serial", "--config", str(refused), "--codec", str(serial_codec), "--checkpoint_dir",
                        str(tmp_path / "serial"), "--train_degraded_dir", str(noisy_dir), "--train_clean_dir",
                        str(clean_dir), "--device", "cpu", "--max_steps", "1"]) == 2
-
-
-def test_a_loss_on_the_decoded_log_mel_of_the_expected_vectors_fits_the_clean_speech(tmp_path: Path,
-                                                                                      speech: np.ndarray) -> None:
-    """enhancer_training.expected_log_mel_weight adds the L1 distance between the frozen demo codec's decoded log-mel
-    of the expected codebook vectors and the clean speech's log-mel (what the input blend's gains come from): it is
-    logged and falls as a small model fits one pair; a codec without a log-mel (the paper's MDCT codec) refuses it."""
-    noisy_dir, clean_dir = _write_pair(tmp_path, speech)
-    small = {"branch": {"conv_channels": [514, 64, 64, 64], "lstm_hidden": 32, "conformer_blocks": 0},
-             "token_branch": {"embedding_dim": 16, "lstm_hidden": 32}, "conformer": {"dim": 64, "heads": 2}}
-    config = write_config(tmp_path / "log_mel.json", {
-        "base": "demo_paragse.json", "enhancer": small,
-        "enhancer_training": {"segment_length": 32280, "batch_size": 1, "expected_log_mel_weight": 1.0,
-                              "warmup_steps": 5},
-        "run": {"log_every": 5}})
-    argv = ["--stage", "enhancer", "--config", str(config), "--codec", str(REPO / "pretrained" / "demo_codec.pt"),
-            "--checkpoint_dir", str(tmp_path / "run"), "--train_degraded_dir", str(noisy_dir), "--train_clean_dir",
-            str(clean_dir), "--device", "cpu", "--max_steps", "60"]
-    assert train.main(argv) == 0
-    points = [row for row in csv.DictReader(open(tmp_path / "run" / "log.csv")) if row["key"] == "train/log_mel_l1"]
-    assert len(points) >= 2 and float(points[-1]["value"]) < 0.7 * float(points[0]["value"])
-
-    mdct, mdct_codec = _one_pair_config(tmp_path, TINY_CONFIG)
-    refused = write_config(tmp_path / "mdct_log_mel.json", json.loads(mdct.read_text()) | {
-        "enhancer_training": json.loads(mdct.read_text())["enhancer_training"] | {"expected_log_mel_weight": 1.0}})
-    assert train.main(["--stage", "enhancer", "--config", str(refused), "--codec", str(mdct_codec),
-                       "--checkpoint_dir", str(tmp_path / "mdct"), "--train_degraded_dir", str(noisy_dir),
-                       "--train_clean_dir", str(clean_dir), "--device", "cpu", "--max_steps", "1"]) == 2
