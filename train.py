@@ -312,14 +312,6 @@ class EnhancerStage(Stage):
         if self.expected_weight and self.teacher_forced:
             raise UserError("enhancer_training.expected_latent_weight needs independent token groups (ParaGSE); "
                             "set it to 0 for the serial baseline")
-        # And the L1 distance between the frozen decoder's log-mel of those expected vectors and the clean speech's:
-        # the predicted clean log-mel is what the input blend takes its gains from (models/input_blend.py).
-        self.log_mel_weight = float(self.train_cfg["expected_log_mel_weight"])
-        if not (math.isfinite(self.log_mel_weight) and self.log_mel_weight >= 0):
-            raise UserError(f"enhancer_training.expected_log_mel_weight must be 0 or more, not {self.log_mel_weight}")
-        if self.log_mel_weight and (self.teacher_forced or getattr(self.codec, "log_mel", None) is None):
-            raise UserError("enhancer_training.expected_log_mel_weight needs independent token groups (ParaGSE) "
-                            "and a codec that decodes to a log-mel (MelCodec); set it to 0")
         self.optimizers = {"enhancer": adamw(self.model, self.train_cfg)}
         self.schedulers = {"enhancer": torch.optim.lr_scheduler.LambdaLR(
             self.optimizers["enhancer"], enhancer_schedule(self.train_cfg, max_steps))}
@@ -352,20 +344,13 @@ class EnhancerStage(Stage):
             group_logits = self.model_ddp(self.codec.pad(degraded), degraded_tokens, *teacher)
         loss = F.cross_entropy(group_logits.float().flatten(0, 2), clean_tokens.flatten())
         extra = {}
-        if self.expected_weight or self.log_mel_weight:
-            expected = self.codec.quantizer.decode_expected(group_logits.float().softmax(dim=-1))
         if self.expected_weight:
+            expected = self.codec.quantizer.decode_expected(group_logits.float().softmax(dim=-1))
             with torch.no_grad():
                 target = self.codec.quantizer.decode(clean_tokens)
             latent_mse = F.mse_loss(expected, target)
             extra["latent_mse"] = latent_mse.item()
             loss = loss + self.expected_weight * latent_mse
-        if self.log_mel_weight:
-            with torch.no_grad():
-                target = self.codec.log_mel(self.codec.pad(clean))
-            log_mel_l1 = F.l1_loss(self.codec.decode_latent(expected), target)
-            extra["log_mel_l1"] = log_mel_l1.item()
-            loss = loss + self.log_mel_weight * log_mel_l1
         grad_norm = self.apply_gradients(loss, loss, self.optimizers["enhancer"], self.model, guard, step)
         self.schedulers["enhancer"].step()
         return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.schedulers["enhancer"].get_last_lr()[0],
