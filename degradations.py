@@ -73,29 +73,6 @@ def add_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float, rng: np.rando
     return (clean.astype(np.float64) + gain * segment).astype(np.float32)
 
 
-def stationary_noise(length: int, rng: np.random.Generator, config: dict, sample_rate: int) -> tuple[np.ndarray, dict]:
-    """(length,) float64 of steady broadband noise with a random colour, and what was drawn.
-
-    Why: the noise files are mostly game sounds and music, sparse and changing, while what a recording most often
-    carries is steady (fans, air conditioning, hiss, traffic rumble), and the file bank holds only three such
-    noises. Gaussian noise shaped in the frequency domain by a spectral tilt of `synthetic_noise_slope_db_per_octave`
-    (uniform in the range: -6 is brown, -3 pink, 0 white) plus a smooth random curve over log frequency (knots an
-    octave apart from 62.5 Hz, each Gaussian with `synthetic_noise_shape_db` dB spread), so every draw has its own
-    colour. Only its spectrum's shape matters: add_noise scales it to the SNR.
-    """
-    low, high = (float(x) for x in config["synthetic_noise_slope_db_per_octave"])
-    slope = float(rng.uniform(low, high))
-    knots_hz = 62.5 * 2.0 ** np.arange(int(math.log2(sample_rate / 2 / 62.5)) + 1)
-    knot_db = rng.normal(0.0, float(config["synthetic_noise_shape_db"]), knots_hz.size)
-    freqs = np.fft.rfftfreq(length, 1.0 / sample_rate)
-    octaves = np.log2(np.maximum(freqs, 20.0) / 1000.0)  # flat below 20 Hz, tilt pivots at 1 kHz
-    gain_db = slope * octaves + np.interp(np.log2(np.maximum(freqs, knots_hz[0])), np.log2(knots_hz), knot_db)
-    spectrum = (rng.standard_normal(freqs.size) + 1j * rng.standard_normal(freqs.size)) * 10.0 ** (gain_db / 20)
-    spectrum[0] = 0.0  # no DC
-    # One period of the signal's own length: add_noise's random offset wraps it around without a seam.
-    return np.fft.irfft(spectrum, length), {"slope_db_per_octave": round(slope, 2)}
-
-
 def change_speed(clean: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
     """`clean` played `factor` times as fast: tempo and pitch (so formants, a voice's size) move together.
 
@@ -246,13 +223,6 @@ def check_degradation_config(config: dict) -> None:
     if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
         names = ", ".join(f"p_{c}" for c in CONDITIONS)
         raise UserError(f"data.degradation: {names} must be >= 0 and sum to 1 (they sum to {sum(probs):g})")
-    low, high = (float(x) for x in config["synthetic_noise_slope_db_per_octave"])
-    shape_db = float(config["synthetic_noise_shape_db"])
-    if not 0.0 <= float(config["p_synthetic_noise"]) <= 1.0 or low > high or shape_db < 0:
-        raise UserError("data.degradation: p_synthetic_noise must be in [0, 1], synthetic_noise_slope_db_per_octave a "
-                        "range [low, high] and synthetic_noise_shape_db 0 or more (got "
-                        f"{config['p_synthetic_noise']}, {config['synthetic_noise_slope_db_per_octave']}, "
-                        f"{config['synthetic_noise_shape_db']})")
     low, high = (float(f) for f in config["speed_factor"])
     if not 0.0 <= float(config["p_speed_change"]) <= 1.0 or not 0.0 < low <= high:
         raise UserError("data.degradation: p_speed_change must be in [0, 1] and speed_factor a range "
@@ -281,13 +251,7 @@ def degrade(clean: np.ndarray, rng: np.random.Generator, config: dict, noise_ban
         x = reverberate(x, rir)
         description |= {"rir": name, **params}
     if condition in ("noise", "mixture"):
-        # Drawn only where it can happen, so that without synthetic noise the stream of draws is what it always was.
-        p_synthetic = float(config["p_synthetic_noise"])
-        if p_synthetic > 0.0 and rng.random() < p_synthetic:
-            noise, drawn = stationary_noise(x.size, rng, config, sample_rate)
-            name, description = "synthetic", description | drawn
-        else:
-            noise, name, _ = (noise_bank or AudioBank([])).pick(rng, "noise")
+        noise, name, _ = (noise_bank or AudioBank([])).pick(rng, "noise")
         snr = _uniform(rng, config["snr_db" if condition == "noise" else "mixture_snr_db"])
         x = add_noise(x, noise, snr, rng, float(config["noise_min_relative_power_db"]))
         description |= {"noise": name, "snr_db": round(snr, 3)}

@@ -215,34 +215,6 @@ def test_speed_change_moves_pitch_and_keeps_pairs_full_length(clean_dir: Path, t
         degradations.check_degradation_config(dict(changed["degradation"], speed_factor=[1.1, 0.9]))
 
 
-def test_synthetic_steady_noise_has_the_drawn_colour_and_leaves_the_file_noise_stream_alone() -> None:
-    config = load_config()["data"]["degradation"]
-    for seed, slope in ((0, -6.0), (1, 0.0), (2, 3.0)):
-        fixed = dict(config, synthetic_noise_slope_db_per_octave=[slope, slope], synthetic_noise_shape_db=0.0)
-        noise, drawn = degradations.stationary_noise(4 * SR, np.random.default_rng(seed), fixed, SR)
-        assert noise.shape == (4 * SR,) and drawn == {"slope_db_per_octave": slope}
-        spectrum, freqs = np.abs(np.fft.rfft(noise)) ** 2, np.fft.rfftfreq(noise.size, 1 / SR)
-        octave = [10 * math.log10(spectrum[(freqs >= f) & (freqs < 2 * f)].mean()) for f in (500, 1000, 2000)]
-        assert np.allclose(np.diff(octave), slope, atol=0.5)  # the tilt it was drawn with, per octave
-        if slope > -6:  # steady, not bursts (brown noise's power sits in a few low bins, so its frames wander)
-            frames = 10 * np.log10(np.square(noise).reshape(40, -1).mean(axis=1))
-            assert frames.max() - frames.min() < 6
-    # With p_synthetic_noise 0 not one extra number is drawn: the degradations of every item are as they were.
-    clean = tone_speech(1.0, 0)
-    bank = degradations.AudioBank([0.05 * np.random.default_rng(9).standard_normal(SR)], ["hiss"])
-    off = dict(config, p_noise=1.0, p_reverb=0.0, p_bandlimit=0.0, p_clipping=0.0, p_mixture=0.0)
-    always = dict(off, p_synthetic_noise=1.0)
-    first, drawn = degradations.degrade(clean, np.random.default_rng(3), off, bank, None, sample_rate=SR)
-    again, _ = degradations.degrade(clean, np.random.default_rng(3), off, bank, None, sample_rate=SR)
-    synthetic, described = degradations.degrade(clean, np.random.default_rng(3), always, bank, None, sample_rate=SR)
-    assert np.array_equal(first, again) and drawn["noise"] == "hiss"
-    assert described["noise"] == "synthetic" and "slope_db_per_octave" in described
-    snr = 10 * math.log10(np.sum(clean.astype(np.float64) ** 2) / np.sum((synthetic - clean).astype(np.float64) ** 2))
-    assert abs(snr - described["snr_db"]) < 0.01
-    with pytest.raises(data.UserError, match="p_synthetic_noise"):
-        degradations.check_degradation_config(dict(config, p_synthetic_noise=1.5))
-
-
 @pytest.fixture()
 def voicebank(tmp_path: Path) -> Path:
     """A fake VoiceBank+DEMAND tree: 3 good pairs, 1 length mismatch, 1 noisy-only, 1 clean-only."""
