@@ -4,13 +4,14 @@ of the predicted one (docs/experiments.md item 39).
     python research/level_oracle.py --test_dir data/steady_check --condition noise --files 40
 
 For compare_peers.py's choice of --files recordings, the enhancer (default: the shipped demo model) enhances each
-degraded file three times: as shipped; with the clean recording's own log-mel in place of the predicted one (brought
-to the input's level as the pipeline brings the input, everything else as shipped); and the same without the blend's
-trust in tokens the model calls intact. Prints mean PESQ / ESTOI of each. Then the predicted log-mel against the
-clean one, in the bands and frames of speech (clean log-mel above 1e-4), binned by how far the predicted level lies
-below the degraded input's (observable at inference: a recalibration could only use this), with the median signed
-error and the mean absolute error in dB. Binning by the true clean-to-degraded ratio instead would show a large
-over-estimate in noisy bands that is selection (bands picked for a low clean level), not bias.
+degraded file three times: as shipped; with the clean recording's own log-mel in place of the predicted one (brought to
+the input's level as the pipeline brings the input, everything else as shipped); and the same without the blend's trust
+in tokens the model calls intact. Prints mean PESQ / ESTOI of each. Then the predicted log-mel (the one the pipeline
+handed the blend in the shipped pass) against the clean one, in the bands and frames of speech (clean log-mel above
+1e-4), binned by how far the predicted level lies below the degraded input's (observable at inference: a recalibration
+could only use this), with the median signed error and the mean absolute error in dB. Binning by the true
+clean-to-degraded ratio instead would show a large over-estimate in noisy bands that is selection (bands picked for a
+low clean level), not bias.
 
 This file lives in research/, beside the project's modules rather than inside a package, so it puts the repository
 root (the parent of research/) on sys.path before importing them.
@@ -37,17 +38,20 @@ DB_PER_NEPER = 20 / np.log(10)  # the log-mel is a natural log of magnitudes
 BIN_EDGES_DB = np.arange(-30, 21, 5)
 
 
-class OracleLevel:
-    """Stands in for the blend's band_gains: hands it the clean log-mel (`clean_log_mel`, set per file) instead of
-    the predicted one, with or without the model's trust in intact tokens."""
+class BlendLevel:
+    """Stands in for the blend's band_gains: records the predicted log-mel the pipeline hands it (`predicted`), and
+    hands on either that, as shipped, or the clean log-mel (`clean_log_mel`, set per file), with or without the
+    model's trust in intact tokens."""
 
-    def __init__(self, band_gains, trust: bool):
-        self.band_gains, self.trust = band_gains, trust
+    def __init__(self, band_gains, clean: bool, trust: bool = True):
+        self.band_gains, self.clean, self.trust = band_gains, clean, trust
         self.clean_log_mel: torch.Tensor | None = None
+        self.predicted: torch.Tensor | None = None
 
     def __call__(self, predicted_log_mel: torch.Tensor, analysis: tuple, intact: torch.Tensor):
-        clean = self.clean_log_mel[..., :predicted_log_mel.shape[-1]]
-        return self.band_gains(clean, analysis, intact if self.trust else torch.zeros_like(intact))
+        self.predicted = predicted_log_mel
+        level = self.clean_log_mel[..., :predicted_log_mel.shape[-1]] if self.clean else predicted_log_mel
+        return self.band_gains(level, analysis, intact if self.trust else torch.zeros_like(intact))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         enhancer = Enhancer.load(args.checkpoint, device="cpu").parallelize()
         if enhancer.blend is None:
             raise UserError("the checkpoint has no inference.blend: nothing to measure")
-        codec, predictor, shipped_gains = enhancer.codec, enhancer.predictor, enhancer.blend.band_gains
-        oracles = {"the clean log-mel": OracleLevel(shipped_gains, True),
-                   "the clean log-mel, no trust in intact tokens": OracleLevel(shipped_gains, False)}
-        scores: dict[str, list] = {"the predicted log-mel (as shipped)": [], **{name: [] for name in oracles}}
+        codec, shipped_gains = enhancer.codec, enhancer.blend.band_gains
+        blends = {"the predicted log-mel (as shipped)": BlendLevel(shipped_gains, clean=False),
+                  "the clean log-mel": BlendLevel(shipped_gains, clean=True),
+                  "the clean log-mel, no trust in intact tokens": BlendLevel(shipped_gains, clean=True, trust=False)}
+        shipped = blends["the predicted log-mel (as shipped)"]
+        scores: dict[str, list] = {name: [] for name in blends}
         errors, offsets = [], []
         for rel in files:
             degraded, _ = load_audio(conditions[args.condition] / rel, enhancer.sample_rate)
@@ -82,24 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                                         enhancer.sample_rate)
             with torch.inference_mode():
                 clean_log_mel = codec.log_mel(codec.pad(torch.from_numpy(clean)[None] * gain))
-                padded = codec.pad(wav)
-                tokens, _, frames = enhancer.encode_and_front(padded)
-                logits = predictor.predict(predictor.branch.context(frames), tokens)
-                predicted = codec.decode_latent(enhancer.latent(logits, enhancer.probabilities(logits)))
-                degraded_log_mel = codec.log_mel(padded)
-            speech = clean_log_mel > np.log(1e-4)
-            errors.append((DB_PER_NEPER * (predicted - clean_log_mel))[speech].numpy())
-            offsets.append((DB_PER_NEPER * (predicted - degraded_log_mel))[speech].numpy())
-            for name in scores:
-                oracle = oracles.get(name)
-                if oracle is not None:
-                    oracle.clean_log_mel = clean_log_mel
-                enhancer.blend.band_gains = oracle or shipped_gains
+                degraded_log_mel = codec.log_mel(codec.pad(wav))
+            for name, blend in blends.items():
+                blend.clean_log_mel = clean_log_mel
+                enhancer.blend.band_gains = blend
                 try:
                     result = score_pair(enhancer.enhance(degraded).audio, clean, enhancer.sample_rate, dnsmos=False)
                 finally:
                     enhancer.blend.band_gains = shipped_gains
                 scores[name].append((result["pesq"], result["estoi"]))
+            speech = clean_log_mel > np.log(1e-4)
+            errors.append((DB_PER_NEPER * (shipped.predicted - clean_log_mel))[speech].numpy())
+            offsets.append((DB_PER_NEPER * (shipped.predicted - degraded_log_mel))[speech].numpy())
         print(f"{len(files)} recordings of {args.test_dir}/{args.condition}, PESQ / ESTOI:")
         for name, values in scores.items():
             pesq, estoi = np.nanmean(np.array(values, dtype=float), axis=0)
