@@ -296,26 +296,20 @@ def check_decoding(decoding: str, temperature: float, predictor_class: type | No
 
 
 BLEND_EXAMPLE = ('{"smoothing_frames": 16, "fill_tolerance": 3.0, "band_limit_depth_db": 60.0, '
-                 '"band_limit_max_hz": 6000.0, "band_limit_clean_db": [20.0, 35.0], "noise_floor_seconds": 1.5, '
-                 '"noise_floor_bias": 1.5}')
+                 '"band_limit_max_hz": 6000.0, "band_limit_clean_db": [20.0, 35.0]}')
 _BLEND_KEYS = {"smoothing_frames", "fill_tolerance"}
-# Two optional rules, each all its keys or none (none in checkpoints exported before it): the band-limit rule's and
-# the noise-floor cap's.
+# The band-limit rule's: all three or none (none in checkpoints exported before the rule).
 _BAND_LIMIT_KEYS = {"band_limit_depth_db", "band_limit_max_hz", "band_limit_clean_db"}
-_NOISE_FLOOR_KEYS = {"noise_floor_seconds", "noise_floor_bias"}
 
 
 def check_blend(blend: dict | None) -> None:
     """Refuse, in one line, an inference.blend that is neither null nor like BLEND_EXAMPLE: its keys (the band-limit
-    rule's three and the noise-floor cap's two each all or none) and then its values, as models/input_blend.py's
-    settings_problem accepts them."""
+    rule's three all or none) and then its values, as models/input_blend.py's settings_problem accepts them."""
     if blend is None:
         return
-    if not (isinstance(blend, dict) and _BLEND_KEYS <= set(blend)
-            and all(len(set(blend) & rule) in (0, len(rule)) for rule in (_BAND_LIMIT_KEYS, _NOISE_FLOOR_KEYS))
-            and set(blend) <= _BLEND_KEYS | _BAND_LIMIT_KEYS | _NOISE_FLOOR_KEYS):
+    if not (isinstance(blend, dict) and set(blend) in (_BLEND_KEYS, _BLEND_KEYS | _BAND_LIMIT_KEYS)):
         raise UserError(f"inference.blend must be null or like {BLEND_EXAMPLE} (the band-limit keys all three or "
-                        f"none, the noise-floor keys both or neither), not {blend!r}")
+                        f"none), not {blend!r}")
     problem = settings_problem(**blend)
     if problem:
         raise UserError(f"inference.blend: {problem}")

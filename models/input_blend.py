@@ -30,14 +30,6 @@ natively narrow-band source in noise), so the input below the limit is kept whol
 its dynamic range (the 95th against the 10th percentile of its frames' power below the limit), not at all up to the
 first value of `band_limit_clean_db`, fully from the second, in proportion between; a noisy one is blended as above
 (chosen in docs/experiments.md, item 34). A full-band input has no empty top band and is blended as above.
-Where the noise is steady, the model often hears it as speech and predicts too high a level (docs/experiments.md item
-39: given the clean level, the blend would score far better). The input's own noise floor knows better there, so the
-input's gain g is capped at the share of it that stands above that floor, sqrt(1 - (b N / D)^2): N the minimum of D
-over `noise_floor_seconds` around each frame (minimum statistics: a steady noise's level shows in the pauses
-between words, which a band of speech has within a second or two), b (`noise_floor_bias`) making up for the minimum
-lying below the noise's mean. Under a noise that comes and goes the minimum lies low and the cap leaves the gain
-alone; a clean input's floor lies far below its speech (item 40). The fill still follows the prediction, so a band
-the input lacks (a band-limit, whose floor is its whole level) is generated as before.
 Measured in docs/experiments.md, items 26 and 28: it raises PESQ and ESTOI of noisy, band-limited and clipped
 input, and lowers DNSMOS OVRL (what is kept of the input keeps some of its noise, reverberation and distortion): a
 choice for intelligibility and fidelity over naturalness, which `inference.py --no_blend` reverses.
@@ -54,13 +46,11 @@ from utils import UserError
 
 
 def settings_problem(smoothing_frames: object, fill_tolerance: object, band_limit_depth_db: object = None,
-                     band_limit_max_hz: object = None, band_limit_clean_db: object = None,
-                     noise_floor_seconds: object = None, noise_floor_bias: object = None) -> str | None:
+                     band_limit_max_hz: object = None, band_limit_clean_db: object = None) -> str | None:
     """What is wrong with the blend's settings, in a few words, or None: smoothing_frames an integer of 1 or more,
-    fill_tolerance a number of 1 or more, the band-limit rule's depth and frequency positive numbers and its
-    clean range [low, high] with 0 <= low < high, all three or none, and the noise-floor cap's window (seconds,
-    positive) and bias (1 or more), both or neither. The one check behind InputBlend and a checkpoint's
-    inference.blend (checkpoint.check_blend), so that both refuse the same settings."""
+    fill_tolerance a number of 1 or more, and the band-limit rule's depth and frequency positive numbers and its
+    clean range [low, high] with 0 <= low < high, all three or none. The one check behind InputBlend and a
+    checkpoint's inference.blend (checkpoint.check_blend), so that both refuse the same settings."""
     def number(value: object) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
@@ -68,11 +58,6 @@ def settings_problem(smoothing_frames: object, fill_tolerance: object, band_limi
         return f"smoothing_frames must be an integer of 1 or more, not {smoothing_frames!r}"
     if not (number(fill_tolerance) and fill_tolerance >= 1):
         return f"fill_tolerance must be 1 or more, not {fill_tolerance!r}"
-    floor = (noise_floor_seconds, noise_floor_bias)
-    if not (all(x is None for x in floor) or (number(floor[0]) and floor[0] > 0 and number(floor[1])
-                                                and floor[1] >= 1)):
-        return (f"noise_floor_seconds must be positive and noise_floor_bias 1 or more, both given or neither, not "
-                f"{noise_floor_seconds!r} and {noise_floor_bias!r}")
     rule = (band_limit_depth_db, band_limit_max_hz, band_limit_clean_db)
     if all(x is None for x in rule):
         return None
@@ -90,19 +75,16 @@ class InputBlend(nn.Module):
 
     def __init__(self, log_mel: LogMel, frame_stft: FrameSTFT, bands_per_group: int, smoothing_frames: int,
                  fill_tolerance: float, band_limit_depth_db: float | None = None,
-                 band_limit_max_hz: float | None = None, band_limit_clean_db: tuple[float, float] | None = None,
-                 noise_floor_seconds: float | None = None, noise_floor_bias: float | None = None):
+                 band_limit_max_hz: float | None = None, band_limit_clean_db: tuple[float, float] | None = None):
         """log_mel: the codec's (`MelCodec.log_mel`), whose analysis of the degraded input is compared with the
         prediction; frame_stft: the STFT the two signals are mixed in (the codec's Griffin-Lim's, whose frames are
         the log-mel's: shared, with its cache of window envelopes); bands_per_group: the adjacent mel bands each token
         group quantises (the codec's split VQ); smoothing_frames and fill_tolerance (at least 1); the band-limit
         rule's band_limit_depth_db and band_limit_max_hz (positive) and band_limit_clean_db (low, high), all three
-        or none (no band-limit rule, as in checkpoints exported before it); the noise-floor cap's
-        noise_floor_seconds (positive) and noise_floor_bias (at least 1), both or neither (no cap, as in
-        checkpoints exported before it): see the module's docstring."""
+        or none (no band-limit rule, as in checkpoints exported before it): see the module's docstring."""
         super().__init__()
         problem = settings_problem(smoothing_frames, fill_tolerance, band_limit_depth_db, band_limit_max_hz,
-                                   band_limit_clean_db, noise_floor_seconds, noise_floor_bias)
+                                   band_limit_clean_db)
         if problem:
             raise UserError(f"inference.blend: {problem}")
         self.bands_per_group = bands_per_group
@@ -110,10 +92,6 @@ class InputBlend(nn.Module):
         self.frame_stft = frame_stft
         self.smoothing_frames, self.fill_tolerance = smoothing_frames, fill_tolerance
         self.band_limit_depth_db, self.band_limit_clean_db = band_limit_depth_db, band_limit_clean_db
-        # The sliding minimum's length in log-mel frames, odd so that it is centred; 0: no cap.
-        self.noise_floor_frames = (int(noise_floor_seconds * log_mel.sample_rate / log_mel.hop_length) // 2 * 2 + 1
-                                   if noise_floor_seconds is not None else 0)
-        self.noise_floor_bias = noise_floor_bias
         self.register_buffer("bin_weights", self.band_weights(log_mel.filters, frame_stft.n_fft), persistent=False)
         # The first empty band of a band-limit counts only up to band_limit_max_hz: the number of bands at or below it
         # (by their peak frequency). Above it the top band of a full-band recording can be empty too (a resampler's
@@ -173,8 +151,6 @@ class InputBlend(nn.Module):
             raise UserError(f"the predicted log-mel has {predicted_bands.shape[-1]} frames but the degraded input "
                             f"{degraded_bands.shape[-1]}; pass the token-aligned (padded) input")
         keep, fill = self.gains(degraded_bands, predicted_bands)
-        if self.noise_floor_frames:  # on the input's gain only: a band the input lacks is still filled in
-            keep = torch.minimum(keep, self.noise_floor_gain(degraded_bands))
         # Each group's probability on its bands, from token frames to log-mel frames (linear, as the codec decoder
         # interpolates its frame means), then smoothed like the gains.
         trust = F.interpolate(intact.float().square().repeat_interleave(self.bands_per_group, dim=1),
@@ -188,14 +164,6 @@ class InputBlend(nn.Module):
                 keep = keep + (1.0 - keep) * clean
                 fill = fill * (1.0 - clean)
         return keep, fill
-
-    def noise_floor_gain(self, degraded_bands: torch.Tensor) -> torch.Tensor:
-        """Band magnitudes D (batch, n_mels, frames) -> the most of each that can be speech by the input's own noise
-        floor, as a gain: sqrt(1 - (bias N / D)^2), at least 0 (batch, n_mels, frames), with N the minimum of D over
-        noise_floor_seconds around each frame (minimum statistics: in a band of steady noise, the pauses between
-        words give the noise's level) and the bias making up for the minimum lying below the noise's mean."""
-        minimum = sliding_minimum(degraded_bands, self.noise_floor_frames)
-        return (1.0 - (self.noise_floor_bias * minimum / degraded_bands).square()).clamp(min=0.0).sqrt()
 
     def bands_below_limit(self, degraded_bands: torch.Tensor) -> torch.Tensor:
         """Band magnitudes D (batch, n_mels, frames) -> (batch,) how many mel bands lie below a band-limit of each
@@ -246,19 +214,6 @@ class InputBlend(nn.Module):
         return self.mix(analysis, keep, fill, generated_wav, degraded_wav.shape[-1])
 
 
-def sliding_minimum(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """The minimum of x (..., length) over `frames` (odd) values centred on each, fewer at the ends; same shape.
-    Minima over spans doubled log2(frames) times, then two overlapping spans: 0.4 ms for 80 bands of 10 s (4,001
-    frames, 601 of them a window) against max_pool1d's 14, which compares every value of every window."""
-    length, half = x.shape[-1], frames // 2
-    spans = F.pad(x, (half, half), value=float("inf"))
-    span = 1
-    while 2 * span <= frames:
-        spans = torch.minimum(spans[..., :-span], spans[..., span:])  # spans[i]: the minimum of [i, i + 2 span)
-        span *= 2
-    return torch.minimum(spans[..., :length], spans[..., frames - span:frames - span + length])
-
-
 def token_probability(probabilities: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The probability each token gets: probabilities (batch, groups, frames, codebook_size), tokens (batch, groups,
     frames) -> (batch, groups, frames). With the degraded tokens, the blend's `intact`."""
@@ -267,13 +222,11 @@ def token_probability(probabilities: torch.Tensor, tokens: torch.Tensor) -> torc
 
 def input_blend_for(codec: nn.Module, smoothing_frames: int, fill_tolerance: float,
                     band_limit_depth_db: float | None = None, band_limit_max_hz: float | None = None,
-                    band_limit_clean_db: tuple[float, float] | None = None, noise_floor_seconds: float | None = None,
-                    noise_floor_bias: float | None = None) -> InputBlend:
+                    band_limit_clean_db: tuple[float, float] | None = None) -> InputBlend:
     """The blend for a codec whose decoder predicts its own log-mel and synthesises it by Griffin-Lim (MelCodec)."""
     log_mel, griffin_lim = getattr(codec, "log_mel", None), getattr(codec, "griffin_lim", None)
     if log_mel is None or griffin_lim is None:
         raise UserError(f"inference.blend needs a codec that decodes to a log-mel (MelCodec), not "
                         f"{type(codec).__name__}; set it to null")
     return InputBlend(log_mel, griffin_lim.frame_stft, codec.quantizer.group_dim, smoothing_frames, fill_tolerance,
-                      band_limit_depth_db, band_limit_max_hz, band_limit_clean_db, noise_floor_seconds,
-                      noise_floor_bias)
+                      band_limit_depth_db, band_limit_max_hz, band_limit_clean_db)

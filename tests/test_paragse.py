@@ -23,7 +23,7 @@ from degradations import band_limit
 from models import build_codec, build_enhancer
 from models.codec import Codec
 from models.conformer import ConvModule, GroupedBiLSTM, GroupedLinear
-from models.input_blend import input_blend_for, sliding_minimum
+from models.input_blend import input_blend_for
 from models.paragse import TokenBranches
 from utils import UserError, argmax, load_audio, load_config, normalise_level, save_audio, seed_everything
 
@@ -153,17 +153,6 @@ def test_the_fast_token_argmax_picks_what_torch_argmax_picks() -> None:
     odd = torch.randn(5, 1000, generator=generator)  # not a whole number of blocks
     for values in (logits, ties, with_nan, odd, logits.transpose(1, 2)):
         assert torch.equal(argmax(values), values.argmax(dim=-1))
-
-
-def test_the_fast_sliding_minimum_is_the_minimum_over_each_window() -> None:
-    """The noise-floor cap's sliding minimum equals the minimum over every centred window (max_pool1d of the
-    negated values), for windows longer and shorter than the signal and for lengths not a power of two."""
-    values = torch.rand(2, 80, 1203, generator=torch.Generator().manual_seed(0))
-    for length in (1203, 600, 7, 1):
-        for frames in (601, 599, 9, 3, 1):
-            x = values[..., :length]
-            expected = -torch.nn.functional.max_pool1d(-x, frames, 1, frames // 2)[..., :length]
-            assert torch.equal(sliding_minimum(x, frames), expected)
 
 
 def _write_pair(folder: Path, speech: np.ndarray, seconds: float = 2.0, snr_db: float = 5.0) -> tuple[Path, Path]:
@@ -356,37 +345,6 @@ def test_a_band_limited_recording_keeps_its_own_band_below_the_limit(speech: np.
                            plain(noisy_band_limited, short, doubt, clean))  # but the noise is not kept
     with pytest.raises(UserError, match="all three given or none"):
         input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0, band_limit_depth_db=60.0)
-
-
-def test_the_noise_floor_cap_lowers_a_steady_noise_the_prediction_takes_for_speech(speech: np.ndarray) -> None:
-    """A prediction that hears a steady noise as speech (here: the noisy input's own log-mel) makes the plain blend
-    keep the noise as it is; with the noise-floor cap the input is brought down to what stands above the noise's own
-    floor, nearer the clean speech. A clean recording, whose pauses put its floor far below its speech, comes through
-    as it was, and a band a band-limited one lacks is still filled in. Half a cap is refused, in the blend and in a
-    checkpoint's inference.blend alike."""
-    codec = checkpoint.load_codec(REPO / "pretrained" / "demo_codec.pt")
-    plain = input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0)
-    capped = input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0, noise_floor_seconds=1.5,
-                             noise_floor_bias=1.5)
-    clean = codec.pad(torch.from_numpy(speech)[None])
-    noise = torch.from_numpy(np.random.default_rng(2).normal(0, 1, clean.shape).astype(np.float32))
-    noisy = clean + noise * clean.std() / noise.std() * 10 ** (-5 / 20)  # white noise, 5 dB
-    doubt = torch.zeros(codec.encode(clean).shape)
-    silent = torch.zeros_like(clean)  # nothing is filled in where the input is as loud as the prediction
-    with torch.inference_mode():
-        hears_speech = codec.log_mel(noisy)
-        kept = plain(noisy, hears_speech, doubt, silent)
-        assert (kept - noisy).pow(2).mean() < 1e-6 * noisy.pow(2).mean()
-        out = capped(noisy, hears_speech, doubt, silent)
-        assert (out - clean).pow(2).mean() < 0.3 * (noisy - clean).pow(2).mean()
-        assert (capped(clean, codec.log_mel(clean), doubt, silent) - clean).pow(2).mean() < 1e-6 * clean.pow(2).mean()
-        band_limited = torch.from_numpy(band_limit(clean[0].numpy(), 8000, 16000))[None]  # its floor: its whole top
-        filled = capped(band_limited, codec.log_mel(clean), doubt, clean)[0].numpy()  # the clean as generated speech
-        assert _band_energy(filled, 4500, 8000) > 0.5 * _band_energy(clean[0].numpy(), 4500, 8000)
-    with pytest.raises(UserError, match="both given or neither"):
-        input_blend_for(codec, smoothing_frames=16, fill_tolerance=3.0, noise_floor_seconds=1.5)
-    with pytest.raises(UserError, match="noise-floor keys both or neither"):
-        checkpoint.parse_blend('{"smoothing_frames": 16, "fill_tolerance": 3.0, "noise_floor_bias": 1.5}')
 
 
 def test_the_blend_keeps_a_clean_recording_nearer_than_the_codec_alone_and_can_be_turned_off(
