@@ -7,8 +7,9 @@ Reads wav/flac/ogg of any rate, bit depth and channel count; writes 16 kHz PCM-1
 under the same relative path. Existing outputs are kept (so an interrupted run resumes) unless --overwrite.
 Exit code: 0 all done, 1 some files failed, 2 a usage error.
 
---quantize runs the predictor's Linear/LSTM layers in int8 (dynamic quantisation, CPU only): faster on CPUs with
-int8 dot-product instructions, at the cost of some tokens differing from fp32 (benchmark.py measures both).
+--quantize runs the predictor's Linear/LSTM layers in int8 (dynamic quantisation, CPU only), at the cost of some
+tokens differing from fp32 (benchmark.py measures both): faster for a predictor of the paper's size (README section
+5: a quarter less time), slower for the shipped demo model, whose small grouped layers it runs one group at a time.
 --precision bf16 runs the token predictor under bfloat16 autocast (the codec stays float32): faster on GPUs
 and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), slower elsewhere; a few tokens differ from float32.
 --no_blend writes the codec's re-synthesis alone (the paper's output) for a checkpoint whose inference.blend keeps
@@ -338,7 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--quantize", action="store_true",
                    help="int8 dynamic quantisation of the predictor's Linear/LSTM layers (CPU; slightly different "
-                        "tokens, see benchmark.py)")
+                        "tokens, see benchmark.py; faster for the paper's configuration, slower for the demo model)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: the token predictor under bfloat16 autocast, faster on GPUs and CPUs with bfloat16 "
                         "instructions (a few tokens differ; see benchmark.py)")
