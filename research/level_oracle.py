@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             clean, _ = load_audio(args.test_dir / "clean" / rel, enhancer.sample_rate)
             n = min(degraded.size, clean.size)
             degraded, clean = degraded[:n], clean[:n]
+            if n > enhancer.window:  # windowed, the blend is called once per window, on that window's frames only
+                raise UserError(f"{conditions[args.condition] / rel}: {n / enhancer.sample_rate:.1f} s is longer than "
+                                f"one inference window; the oracle compares whole recordings' log-mels")
             wav, gain = normalise_level(torch.from_numpy(degraded)[None], enhancer.input_level_db,
                                         enhancer.sample_rate)
             with torch.inference_mode():
