@@ -70,20 +70,27 @@ def plot(runs: list[tuple[str, Series]], out: Path, title: str) -> Path:
     splits_drawn = {split for _, series in runs for split in SPLITS if any(k.startswith(f"{split}/") for k in series)}
     for i, (metric, label) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
-        for run_label, series in runs:
-            for split, (split_label, line, marker) in SPLITS.items():
-                if not series.get(f"{split}/{metric}"):
-                    continue
-                hours, steps, values = zip(*series[f"{split}/{metric}"])
+        for split, (split_label, line, marker) in SPLITS.items():
+            drawn = [(run_label, series[f"{split}/{metric}"]) for run_label, series in runs
+                     if series.get(f"{split}/{metric}")]
+            for n, (run_label, points) in enumerate(drawn):
+                hours, steps, values = zip(*points)
                 ax.plot(hours, values, line, marker=marker, markersize=3, color=colours[run_label],
                         label=f"{run_label}, {split_label}" if len(splits_drawn) > 1 else run_label)
-                ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
-                            xytext=(-10, 8), textcoords="offset points", ha="right")
+                if n == len(drawn) - 1:  # only the newest run's last point: many legs' labels would overlap
+                    ax.annotate(f"step {steps[-1]}: {values[-1]:.3g}", (hours[-1], values[-1]), fontsize=8,
+                                xytext=(-10, 8), textcoords="offset points", ha="right")
         ax.set_xlabel("compute hours (CPU core-hours)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        if (len(runs) > 1 or len(splits_drawn) > 1) and i == 0:
-            ax.legend(fontsize=8)
+    if len(runs) > 1 or len(splits_drawn) > 1:
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+        if rows * columns > len(panels):  # a free panel slot holds the legend, clear of the curves
+            spare = fig.add_subplot(rows, columns, len(panels) + 1)
+            spare.axis("off")
+            spare.legend(handles, labels, fontsize=8, loc="upper left")
+        else:
+            fig.axes[0].legend(fontsize=8)
     fig.suptitle(title)
     # Atomically: a crash never leaves half a figure under the real name (the format is named: the temporary
     # file's suffix is not .png).
