@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: see the module docstring
 
+from matplotlib import colormaps  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -66,7 +67,9 @@ def plot(runs: list[tuple[str, Series]], out: Path, title: str) -> Path:
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.6 * columns, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _ in runs))}  # one per run
+    names = list(dict.fromkeys(label for label, _ in runs))
+    palette = [f"C{i}" for i in range(10)] if len(names) <= 10 else [colormaps["tab20"](i) for i in range(20)]
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(names)}  # one per run
     splits_drawn = {split for _, series in runs for split in SPLITS if any(k.startswith(f"{split}/") for k in series)}
     for i, (metric, label) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
