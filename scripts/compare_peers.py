@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the project's modules
 
-import cpu_speed  # noqa: E402,F401  (before torch: the OpenMP wait policy, as in inference.py)
+import cpu_speed  # noqa: E402  (before torch: the OpenMP wait policy, as in inference.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cpu_speed.enable()  # the allocator policy inference.py's command line runs with, so the RTFs are its own
     return run_command(lambda: run(parse_args(argv)))
 
 
