@@ -57,6 +57,7 @@ import cpu_speed  # first: it sets the OpenMP wait policy before torch loads
 import argparse
 import copy
 import json
+import math
 import os
 import resource
 import statistics
@@ -69,11 +70,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 import inference
 import peers
 from models import Codec, build_codec, build_enhancer
+from models import convnext
 from models.conformer import GroupedBiLSTM
 from models.input_blend import token_probability
 from models.int8 import quantize_predictor
@@ -166,6 +168,15 @@ def counter_misses_lstm() -> bool:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         lstm(torch.zeros(1, 1, 3, 4))
     return counter.get_total_flops() == 0
+
+
+if convnext._linear_pointwise is not None:
+    @register_flop_formula(convnext._linear_pointwise)
+    def _linear_pointwise_flops(*args, out_shape=None, **kwargs) -> int:
+        """The counter knows aten's products only; ConvNeXt blocks run oneDNN's fused Linear in inference. Its
+        overloads take (input, weight, ...) and (input, other, weight, ...): 2 FLOPs per multiply-add."""
+        input_shape, weight_shape = args[0], args[1] if len(args) == 6 else args[2]
+        return 2 * math.prod(input_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
 def counted_flops(fn: Callable[[], object], threads: int) -> int:

@@ -109,6 +109,24 @@ def test_changing_one_latent_group_of_the_mdct_codec_changes_only_its_token_grou
                 assert same == (stream != group), f"group {group} perturbed, stream {stream} same={same}"
 
 
+def test_inference_decodes_as_training_computes_and_a_batch_as_its_items(speech: np.ndarray,
+                                                                          other_speech: np.ndarray) -> None:
+    """On CPU inference runs each ConvNeXt bottleneck as fused oneDNN calls (GRN folded into the projection); the
+    audio must be what the layer-by-layer arithmetic of training gives, and each item of a batch its own."""
+    codec = _codec(None)
+    length = 31960
+    wav = torch.from_numpy(np.stack([speech[:length], other_speech[:length]]))
+    with torch.no_grad():
+        tokens = codec.encode(wav)
+        decoded = codec.decode_latent(codec.quantizer.decode(tokens))
+        one = codec.decode_latent(codec.quantizer.decode(tokens[1:]))
+    with torch.enable_grad():  # the training path: every layer on its own
+        reference = codec.decode_latent(codec.quantizer.decode(tokens)).detach()
+    scale = reference.abs().max()
+    assert (decoded - reference).abs().max() <= 1e-5 * scale
+    assert (one[0] - reference[1]).abs().max() <= 1e-5 * scale
+
+
 def test_changing_one_band_group_of_the_mel_codec_changes_only_its_token_group(tmp_path: Path,
                                                                                 speech: np.ndarray) -> None:
     """Split VQ: token group n reads only mel bands of group n (adjacent bands, low to high)."""
