@@ -74,8 +74,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 import inference
 import peers
-from models import Codec, build_codec, build_enhancer
-from models import convnext
+from models import Codec, build_codec, build_enhancer, onednn
 from models.conformer import GroupedBiLSTM
 from models.input_blend import token_probability
 from models.int8 import quantize_predictor
@@ -170,10 +169,10 @@ def counter_misses_lstm() -> bool:
     return counter.get_total_flops() == 0
 
 
-if convnext._linear_pointwise is not None:
-    @register_flop_formula(convnext._linear_pointwise)
+if onednn.linear_pointwise is not None:
+    @register_flop_formula(onednn.linear_pointwise)
     def _linear_pointwise_flops(*args, out_shape=None, **kwargs) -> int:
-        """The counter knows aten's products only; ConvNeXt blocks run oneDNN's fused Linear in inference. Its
+        """The counter knows aten's products only; CPU inference runs oneDNN's fused Linear (models/onednn.py). Its
         overloads take (input, weight, ...) and (input, other, weight, ...): 2 FLOPs per multiply-add."""
         input_shape, weight_shape = args[0], args[1] if len(args) == 6 else args[2]
         return 2 * math.prod(input_shape[:-1]) * weight_shape[0] * weight_shape[1]

@@ -3,7 +3,8 @@
 Every tensor here is (groups, batch, frames, channels). Each group has its own weights, stacked along the first
 axis of every parameter (and, for the depthwise convolution and BatchNorm, group-major along the channel axis), so
 ParaGSE's N token branches run as one batched computation instead of a Python loop; with groups=1 the same modules
-serve the single degraded-spectrum branch.
+serve the single degraded-spectrum branch. In inference on a CPU a grouped Linear runs one oneDNN product per group,
+its bias and activation applied as it writes (models/onednn.py), within float rounding of the batched product.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import onednn
 from utils import UserError
 
 
@@ -28,18 +30,27 @@ class GroupedLinear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """activation: None, or "silu" applied to the output."""
         g, b, t, c = x.shape
+        rows = x.reshape(g, b * t, c)
+        if onednn.applies(x):
+            # In CPU inference each group's product adds its bias and applies the activation as it writes, which
+            # saves two passes over the output (two token branches of the paper configuration on one thread:
+            # 322 -> 306 ms, docs/experiments.md item 46). weight[i].t() is the (out, in) layout oneDNN reads.
+            outputs = [onednn.linear(rows[i], self.weight[i].t(), None if self.bias is None else self.bias[i, 0],
+                                     activation) for i in range(g)]
+            return (torch.stack(outputs) if g > 1 else outputs[0].unsqueeze(0)).view(g, b, t, -1)
         if g == 1:
             # One group is one matrix product: CPU bmm spreads its threads over the batch axis, so a batch of one
             # ran on a single thread however many there were; mm (addmm) spreads them over the matrix.
-            rows = x.reshape(b * t, c)
-            y = rows @ self.weight[0] if self.bias is None else torch.addmm(self.bias[0], rows, self.weight[0])
-            return y.view(1, b, t, -1)
-        y = torch.bmm(x.reshape(g, b * t, c), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(g, b, t, -1)
+            y = rows[0] @ self.weight[0] if self.bias is None else torch.addmm(self.bias[0], rows[0], self.weight[0])
+        else:
+            y = torch.bmm(rows, self.weight)
+            if self.bias is not None:
+                y = y + self.bias
+        y = y.view(g, b, t, -1)
+        return y if activation is None else F.silu(y)
 
 
 class GroupedLayerNorm(nn.Module):
@@ -52,7 +63,7 @@ class GroupedLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=self.eps), self.weight)
 
 
 class FeedForward(nn.Module):
@@ -64,7 +75,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.project(self.dropout(F.silu(self.expand(self.norm(x))))))
+        return self.dropout(self.project(self.dropout(self.expand(self.norm(x), activation="silu"))))
 
 
 class SelfAttention(nn.Module):

@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # oneDNN's Linear with a fused elementwise epilogue, what torch.compile emits on CPU; absent from some builds
-    _linear_pointwise = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-except (AttributeError, RuntimeError):
-    _linear_pointwise = None
+from models import onednn
 
 
 class GlobalResponseNorm(nn.Module):
@@ -59,8 +56,7 @@ class ConvNeXtBlock(nn.Module):
         y = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
                      padding=(0, conv.padding[0]), groups=conv.groups)  # (batch, dim, 1, frames), channels-last
         y = self.norm(y.squeeze(2).transpose(1, 2))
-        if _linear_pointwise is not None and not torch.is_grad_enabled() and y.device.type == "cpu" \
-                and y.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        if onednn.applies(y):
             return self.fused_bottleneck(x, y)
         return x + self.project(self.grn(F.gelu(self.expand(y))))
 
@@ -74,10 +70,10 @@ class ConvNeXtBlock(nn.Module):
         writes. 10 s at the paper configuration on one thread: encoder 242 -> 222 ms, decoder 281 -> 261 ms
         (docs/experiments.md item 44).
         """
-        hidden = _linear_pointwise(y, self.expand.weight, self.expand.bias, "gelu", [], "none")
+        hidden = onednn.linear(y, self.expand.weight, self.expand.bias, "gelu")
         gain = self.grn.gain(hidden)
         bias = torch.addmv(self.project.bias, self.project.weight, self.grn.beta.view(-1))
-        items = [_linear_pointwise.binary(hidden[i], x[i], self.project.weight * gain[i], bias, "add")
+        items = [onednn.linear_add(hidden[i], x[i], self.project.weight * gain[i], bias)
                  for i in range(x.shape[0])]
         return torch.stack(items) if len(items) > 1 else items[0].unsqueeze(0)
 

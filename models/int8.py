@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.conformer import GroupedBiLSTM, GroupedLinear
@@ -43,10 +44,12 @@ class QuantizedGroupedLinear(nn.Module):
                     layer.bias.copy_(linear.bias[g, 0])
         self.per_group = _quantize_dynamic(dense.eval(), nn.Linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """activation: None, or "silu" applied to the output (as GroupedLinear takes it)."""
         g, b, t, c = x.shape
         flat = x.reshape(g, b * t, c)
-        return torch.stack([layer(flat[i]) for i, layer in enumerate(self.per_group)]).view(g, b, t, -1)
+        y = torch.stack([layer(flat[i]) for i, layer in enumerate(self.per_group)]).view(g, b, t, -1)
+        return y if activation is None else F.silu(y)
 
 
 class QuantizedGroupedBiLSTM(nn.Module):

@@ -76,6 +76,22 @@ def test_analytic_lstm_flops_match_a_counted_unrolled_lstm():
     assert benchmark.lstm_flops(lstm, frames, batch=1) == counter.get_total_flops()
 
 
+def test_a_parallelized_predictor_counts_the_flops_of_the_plain_one(speech):
+    """cpu_speed cuts the token branches into parts that share the weights: the benchmark's bound must count each
+    group's work once, as for the plain model."""
+    codec, model = tiny_system()
+    padded = codec.pad(torch.from_numpy(speech[:16000])[None])
+
+    def predict():
+        return model(padded, codec.encode(padded))
+
+    plain, plain_lstm = benchmark.counted_flops(predict, torch.get_num_threads()), benchmark.lstm_flops(model, 50, 1)
+    cpu_speed.parallelize(model, threads=2)
+    assert isinstance(model.token_branches, cpu_speed.ConcurrentTokenBranches)
+    assert benchmark.lstm_flops(model, 50, 1) == plain_lstm > 0
+    assert benchmark.counted_flops(predict, torch.get_num_threads()) == plain
+
+
 def _nontrivial_norms(model: torch.nn.Module) -> None:
     """Random BatchNorm statistics and GRN parameters (they start as identities, which would hide a mistake)."""
     with torch.no_grad():

@@ -37,12 +37,13 @@ def _system(config_path: Path = TINY_CONFIG, seed: int = 0) -> tuple[Codec, torc
 
 
 def test_grouped_lstm_and_linear_match_torch_modules() -> None:
-    """Each group of GroupedBiLSTM / GroupedLinear computes what nn.LSTM / nn.Linear with its weights computes."""
+    """Each group of GroupedBiLSTM / GroupedLinear computes what nn.LSTM / nn.Linear with its weights computes, in
+    training and in CPU inference (where a grouped Linear runs oneDNN's product with its bias and activation fused,
+    models/onednn.py), for one group and several."""
     seed_everything(0)
     lstm = GroupedBiLSTM(3, 12, 8, 2)
-    linear = GroupedLinear(3, 12, 5)
     x = torch.randn(3, 2, 17, 12)
-    y, z = lstm(x), linear(x)
+    y = lstm(x)
     for g in range(3):
         reference = torch.nn.LSTM(12, 8, 2, batch_first=True, bidirectional=True)
         reference.load_state_dict({
@@ -51,9 +52,19 @@ def test_grouped_lstm_and_linear_match_torch_modules() -> None:
             for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         })
         assert (reference(x[g])[0] - y[g]).abs().max() < 1e-5
-        dense = torch.nn.Linear(12, 5)
-        dense.load_state_dict({"weight": linear.weight[g].t(), "bias": linear.bias[g, 0]})
-        assert (dense(x[g]) - z[g]).abs().max() < 1e-5
+    for groups in (3, 1):
+        linear = GroupedLinear(groups, 12, 5)
+        for activation in (None, "silu"):
+            training = linear(x[:groups], activation)
+            with torch.inference_mode():
+                inference = linear(x[:groups], activation)
+            assert training.requires_grad and not inference.requires_grad
+            for g in range(groups):
+                dense = torch.nn.Linear(12, 5)
+                dense.load_state_dict({"weight": linear.weight[g].t(), "bias": linear.bias[g, 0]})
+                expected = dense(x[g]) if activation is None else torch.nn.functional.silu(dense(x[g]))
+                assert (expected - training[g]).abs().max() < 1e-5
+                assert (expected - inference[g]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("dilation", [1, 2, 4])
@@ -121,6 +132,19 @@ def test_batched_group_branches_equal_a_loop_over_groups(copy_prior: dict | None
             assert torch.equal(batched.select(slice(g, g + 1))(condition, tokens[:, g: g + 1]), reference)
         assert torch.equal(batched.select(slice(1, 3))(condition, tokens[:, 1:3]), logits[:, 1:3])
     assert batched.select(slice(0, 1)).logits.weight.data_ptr() == batched.logits.weight.data_ptr()
+
+
+def test_the_predictor_in_cpu_inference_gives_the_logits_of_its_training_path(speech: np.ndarray) -> None:
+    """Without autograd on a CPU the grouped Linears run as fused oneDNN products (models/onednn.py); the logits are
+    those of the layer-by-layer path that training runs, within float rounding."""
+    codec, model = _system()
+    padded = codec.pad(torch.from_numpy(speech[:16000])[None])
+    with torch.inference_mode():
+        tokens = codec.encode(padded)
+        fused = model(padded, tokens)
+    layer_by_layer = model(padded, tokens.clone())
+    assert layer_by_layer.requires_grad
+    assert (fused - layer_by_layer.detach()).abs().max() < 1e-5 * layer_by_layer.abs().max()
 
 
 @pytest.mark.parametrize("threads", [2, 3])
