@@ -31,7 +31,7 @@ class GroupedLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        """activation: None, or "silu" applied to the output."""
+        """activation: None, "silu" or "gelu" applied to the output."""
         g, b, t, c = x.shape
         rows = x.reshape(g, b * t, c)
         if onednn.applies(x):
@@ -49,8 +49,7 @@ class GroupedLinear(nn.Module):
             y = torch.bmm(rows, self.weight)
             if self.bias is not None:
                 y = y + self.bias
-        y = y.view(g, b, t, -1)
-        return y if activation is None else F.silu(y)
+        return onednn.LAYER_BY_LAYER[activation](y.view(g, b, t, -1))
 
 
 class GroupedLayerNorm(nn.Module):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from models import onednn
 from models.conformer import GroupedBiLSTM, GroupedLinear
 
 _INT8 = torch.ao.quantization.per_channel_dynamic_qconfig
@@ -45,11 +45,11 @@ class QuantizedGroupedLinear(nn.Module):
         self.per_group = _quantize_dynamic(dense.eval(), nn.Linear)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        """activation: None, or "silu" applied to the output (as GroupedLinear takes it)."""
+        """activation: applied to the output, as GroupedLinear takes it."""
         g, b, t, c = x.shape
         flat = x.reshape(g, b * t, c)
         y = torch.stack([layer(flat[i]) for i, layer in enumerate(self.per_group)]).view(g, b, t, -1)
-        return y if activation is None else F.silu(y)
+        return onednn.LAYER_BY_LAYER[activation](y)
 
 
 class QuantizedGroupedBiLSTM(nn.Module):

@@ -9,6 +9,7 @@ results it matches within float rounding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:  # absent from builds without oneDNN
     linear_pointwise = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
@@ -16,6 +17,8 @@ except (AttributeError, RuntimeError):
     linear_pointwise = None
 
 ACTIVATIONS = {None: "none", "gelu": "gelu", "silu": "swish"}  # our names -> oneDNN's
+# The same activations applied after a product, for the layer-by-layer path of a module that takes a name.
+LAYER_BY_LAYER = {None: lambda y: y, "gelu": F.gelu, "silu": F.silu}
 
 
 def applies(x: torch.Tensor) -> bool:

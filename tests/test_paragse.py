@@ -54,7 +54,7 @@ def test_grouped_lstm_and_linear_match_torch_modules() -> None:
         assert (reference(x[g])[0] - y[g]).abs().max() < 1e-5
     for groups in (3, 1):
         linear = GroupedLinear(groups, 12, 5)
-        for activation in (None, "silu"):
+        for activation in (None, "silu", "gelu"):
             training = linear(x[:groups], activation)
             with torch.inference_mode():
                 inference = linear(x[:groups], activation)
@@ -62,7 +62,8 @@ def test_grouped_lstm_and_linear_match_torch_modules() -> None:
             for g in range(groups):
                 dense = torch.nn.Linear(12, 5)
                 dense.load_state_dict({"weight": linear.weight[g].t(), "bias": linear.bias[g, 0]})
-                expected = dense(x[g]) if activation is None else torch.nn.functional.silu(dense(x[g]))
+                expected = {None: dense, "silu": lambda v: torch.nn.functional.silu(dense(v)),
+                            "gelu": lambda v: torch.nn.functional.gelu(dense(v))}[activation](x[g])
                 assert (expected - training[g]).abs().max() < 1e-5
                 assert (expected - inference[g]).abs().max() < 1e-5
 
