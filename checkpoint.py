@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -120,11 +121,12 @@ def enhancer_payload(predictor: torch.nn.Module, codec: dict, inference: dict) -
 
 
 # ----------------------------------------------------------------------------------------------- models
-def _load_state(module: torch.nn.Module, state: dict, source: str | Path, fresh: tuple[str, ...] = ()) -> None:
-    """load_state_dict that turns key and shape mismatches into one-line UserErrors naming the source; entries under
-    the prefixes `fresh` may be missing from `state` (they keep the module's own values)."""
+def _load_state(module: torch.nn.Module, state: dict, source: str | Path, may_be_new: re.Pattern | None = None
+                ) -> None:
+    """load_state_dict that turns key and shape mismatches into one-line UserErrors naming the source; entries whose
+    names `may_be_new` matches may be missing from `state` (they keep the module's own values)."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(fresh)]
+    missing = [k for k in own if k not in state and not (may_be_new and may_be_new.match(k))]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -197,16 +199,22 @@ def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec, dict]:
     return predictor.eval(), codec, defaults | payload["inference"]
 
 
+# Parts a config may add to a trained enhancer (--init_from): the token branches' copy prior (docs/experiments.md
+# item 24), their conformer blocks and their BiLSTM layers after the first (item 47). The new parts start from their
+# own initialisation and the trained ones from the checkpoint; training then fits them together.
+GROWABLE = re.compile(r"token_branches\.(copy_prior\.|conformers\.|lstm\.(weight|bias)_(ih|hh)\.[1-9])")
+
+
 def load_weights(module: torch.nn.Module, payload: dict, source: str | Path, grown: bool = False) -> list[str]:
     """A payload's weights into a model built from the same config (resuming, --init_from); returns the names of
     the parts that start fresh.
 
-    grown (--init_from only): the config may add parts that a trained model can learn to use, which start from their
-    own initialisation; so far the token branches' copy prior (docs/experiments.md, item 24).
+    grown (--init_from only): the config may add the parts GROWABLE names, which start from their own
+    initialisation.
     """
-    fresh = ("token_branches.copy_prior.",) if grown else ()
-    _load_state(module, payload["model"], source, fresh)
-    new = [k for k in module.state_dict() if k.startswith(fresh) and k not in payload["model"]]
+    may_be_new = GROWABLE if grown else None
+    _load_state(module, payload["model"], source, may_be_new)
+    new = [k for k in module.state_dict() if may_be_new and may_be_new.match(k) and k not in payload["model"]]
     return sorted({k.rsplit(".", 1)[0] for k in new})
 
 

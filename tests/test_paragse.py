@@ -298,6 +298,27 @@ def test_the_copy_prior_starts_nearly_shut_on_a_trained_model_and_copies_when_op
         assert torch.equal(grown(padded, degraded_tokens).argmax(-1), degraded_tokens)
 
 
+def test_a_trained_predictor_grows_the_token_branches_conformer_blocks_and_lstm_layers() -> None:
+    """--init_from a model with fewer token-branch layers than the config asks for: the trained weights load, the added
+    conformer block and BiLSTM layer start from their initialisation, and nothing else may be missing."""
+    config = load_config(TINY_CONFIG)
+    codec, plain = _system()
+    section = copy.deepcopy(config["enhancer"])
+    layers, blocks = section["token_branch"]["lstm_layers"], section["token_branch"]["conformer_blocks"]
+    section["token_branch"].update(lstm_layers=layers + 1, conformer_blocks=blocks + 1)
+    grown = build_enhancer(section, codec).eval()
+    fresh = checkpoint.load_weights(grown, {"model": plain.state_dict()}, "plain model", grown=True)
+    assert f"token_branches.conformers.{blocks}.ff1.expand" in fresh
+    assert {"token_branches.lstm.weight_ih", "token_branches.lstm.weight_hh"} <= set(fresh)
+    trained = plain.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in grown.state_dict().items() if key in trained)
+    with pytest.raises(UserError, match="missing"):
+        checkpoint.load_weights(grown, {"model": plain.state_dict()}, "plain model")
+    incomplete = {k: v for k, v in plain.state_dict().items() if not k.startswith("token_branches.lstm.weight_hh.0")}
+    with pytest.raises(UserError, match="missing"):  # a trained part missing is refused even when growing
+        checkpoint.load_weights(grown, {"model": incomplete}, "plain model", grown=True)
+
+
 def _band_energy(wav: np.ndarray, low_hz: float, high_hz: float) -> float:
     spectrum = np.abs(np.fft.rfft(wav)) ** 2
     hz = np.fft.rfftfreq(wav.shape[-1], 1 / 16000)
