@@ -200,7 +200,7 @@ def load_enhancer(path: str | Path) -> tuple[torch.nn.Module, Codec, dict]:
 
 
 # Parts a config may add to a trained enhancer (--init_from): the token branches' copy prior (docs/experiments.md
-# item 24), their conformer blocks and their BiLSTM layers after the first (item 47). The new parts start from their
+# item 24), their conformer blocks and their BiLSTM layers after the first (item 48). The new parts start from their
 # own initialisation and the trained ones from the checkpoint; training then fits them together.
 GROWABLE = re.compile(r"token_branches\.(copy_prior\.|conformers\.|lstm\.(weight|bias)_(ih|hh)\.[1-9])")
 

@@ -45,9 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="config.json", help="JSON config; partial configs are laid over config.json")
     p.add_argument("--checkpoint_dir", required=True, help="checkpoints, TensorBoard logs and log.csv go here")
     p.add_argument("--codec", help="trained codec checkpoint (enhancer and serial stages)")
-    p.add_argument("--init_from", help="start a new run from this checkpoint's weights (same stage and model; "
-                                       "optimiser and step start afresh), e.g. to continue exported weights on "
-                                       "another machine or to adapt a model to new data")
+    p.add_argument("--init_from", help="start a new run from this checkpoint's weights (same stage and model, "
+                                       "or an enhancer whose config adds token-branch layers or a copy prior: "
+                                       "checkpoint.GROWABLE; optimiser and step start afresh), e.g. to continue "
+                                       "exported weights on another machine or to adapt a model to new data")
     data_args = p.add_argument_group("data (folders are searched recursively; any sample rate)")
     data_args.add_argument("--train_dir", help="clean speech (codec; or enhancer with --noise_dir)")
     data_args.add_argument("--valid_dir", help="clean validation speech")
