@@ -219,8 +219,12 @@ def load_weights(module: torch.nn.Module, payload: dict, source: str | Path, gro
 
 
 # ----------------------------------------------------------------------------------------------- export
-def _cast(state: dict, half: bool) -> dict:
-    return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+def _cast(payload: dict, half: bool) -> dict:
+    """A payload's weights, floating-point ones as float16 with `half`, except a codec's tokenizer weights: they
+    decide the tokens (and the digest enhancers name a codec by), so they stay as they are; they are small."""
+    keep = codec_classes()[payload["config"]["class"]].is_tokenizer_weight if payload["kind"] == "codec" else None
+    return {k: v.half() if half and v.is_floating_point() and not (keep and keep(k)) else v
+            for k, v in payload["model"].items()}
 
 
 def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> None:
@@ -264,7 +268,7 @@ def export(source: Path, output: Path, half: bool = False, name_codec: Path | No
     if settings:
         codec_from_payload(payload, source)  # builds it and loads the weights: the new values must fit both
     out = {key: payload[key] for key in ("format", "kind", "config", "inference") if key in payload}
-    out["model"] = _cast(payload["model"], half)
+    out["model"] = _cast(payload, half)
     training = payload.get("training", {})
     out["history"] = payload.get("history") or {k: training[k] for k in ("step", "compute_seconds") if k in training}
     if payload["kind"] == "enhancer":
@@ -277,7 +281,7 @@ def export(source: Path, output: Path, half: bool = False, name_codec: Path | No
         elif payload["codec"].get("kind") == "codec_reference":
             out["codec"] = codec_reference(codec, codec_path, output)  # the same file, named from the new place
         else:
-            out["codec"] = {k: codec[k] for k in ("format", "kind", "config")} | {"model": _cast(codec["model"], half)}
+            out["codec"] = {k: codec[k] for k in ("format", "kind", "config")} | {"model": _cast(codec, half)}
         inference = dict(out["inference"])
         inference |= {k: v for k, v in (("decoding", decoding), ("temperature", temperature)) if v is not None}
         if blend is not None:
@@ -409,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     e = commands.add_parser("export", help="weights and configs only (no optimiser or RNG state)")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("output", type=Path)
-    e.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
+    e.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size); "
+                   "a codec's tokenizer weights, which decide its tokens, stay as they are")
     e.add_argument("--name_codec", type=Path, help="name this codec file (same tokens) instead of carrying the "
                                                    "codec: it must stay beside the output")
     e.add_argument("--decoding", choices=DECODINGS, help="the enhancer's default decoding")
