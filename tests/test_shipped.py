@@ -8,7 +8,8 @@ the redesign that converted the files; it was rewritten (`python tests/test_ship
 changed on purpose: input level normalisation (the tokens through the pipeline) and Griffin-Lim from the
 integrated phase, 19 iterations in 2-s chunks instead of 32 from zero phase (the copy-synthesis scores). The
 codec's tokens of the raw degraded clip did not change. It was rewritten again when a newly trained demo enhancer
-was shipped (the predicted tokens).
+was shipped (the predicted tokens), and when the codec's decoder was stored at float16 (the copy-synthesis scores:
+PESQ 2.853 -> 2.832 on this clip, Griffin-Lim's sensitivity to the decoder's last digits; every token the same).
 """
 from __future__ import annotations
 
