@@ -366,7 +366,7 @@ def _legacy_codec(old: dict) -> dict:
         new_state = dict(state)
     else:
         raise UserError("an experimental codec variant that this version does not build; its code is at the git tag "
-                        "experiments-2026-12")
+                        "experiments-2026-12 (commit 31f805c)")
     return {"format": FORMAT, "kind": "codec", "config": new_config, "model": new_state}
 
 
