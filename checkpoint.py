@@ -138,13 +138,18 @@ def _load_state(module: torch.nn.Module, state: dict, source: str | Path, may_be
     module.load_state_dict(own | {k: v.to(own[k].dtype) for k, v in state.items()})
 
 
+def codec_class_of(payload: dict) -> type:
+    """The class a codec payload's config names (the class alone, not a model built from it), or a one-line error."""
+    classes, name = codec_classes(), payload["config"].get("class")
+    if name not in classes:
+        raise UserError(f"unknown codec class {name!r} (expected one of {', '.join(classes)})")
+    return classes[name]
+
+
 def tokenizer_digest(payload: dict) -> str:
     """A fingerprint of what decides a codec's tokens (its tokenizer config and weights, as float32): two codecs
     with the same digest give the same tokens, whatever their decoders."""
-    classes, name = codec_classes(), payload["config"].get("class")  # the class alone, not a model built from it
-    if name not in classes:
-        raise UserError(f"unknown codec class {name!r} (expected one of {', '.join(classes)})")
-    codec_class = classes[name]
+    codec_class = codec_class_of(payload)
     digest = hashlib.sha256()
     config = {k: payload["config"][k] for k in ("class", *codec_class.tokenizer_keys)}
     digest.update(json.dumps(config, sort_keys=True).encode())
@@ -222,7 +227,7 @@ def load_weights(module: torch.nn.Module, payload: dict, source: str | Path, gro
 def _cast(payload: dict, half: bool) -> dict:
     """A payload's weights, floating-point ones as float16 with `half`, except a codec's tokenizer weights: they
     decide the tokens (and the digest enhancers name a codec by), so they stay as they are; they are small."""
-    keep = codec_classes()[payload["config"]["class"]].is_tokenizer_weight if payload["kind"] == "codec" else None
+    keep = codec_class_of(payload).is_tokenizer_weight if payload["kind"] == "codec" else None
     return {k: v.half() if half and v.is_floating_point() and not (keep and keep(k)) else v
             for k, v in payload["model"].items()}
 
@@ -240,7 +245,7 @@ def set_codec_setting(payload: dict, assignment: str, source: str | Path) -> Non
     path = key.split(".")
     if not sep or not all(path):
         raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. griffin_lim.iterations=14")
-    if path[0] in codec_classes()[payload["config"]["class"]].tokenizer_keys or path[0] == "class":
+    if path[0] in codec_class_of(payload).tokenizer_keys or path[0] == "class":
         raise UserError(f"--set {key}: that setting decides the codec's tokens; retrain instead")
     section = payload["config"]
     for part in path[:-1]:
