@@ -32,7 +32,7 @@ import cpu_speed  # noqa: E402  (before torch: the OpenMP wait policy, as in inf
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import math  # noqa: E402
+import io  # noqa: E402
 import re  # noqa: E402
 
 import torch  # noqa: E402
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from inference import Enhancer  # noqa: E402
 from models.input_blend import token_probability  # noqa: E402
 from scripts.compare_peers import condition_dirs, file_stem, select_files  # noqa: E402
-from utils import UserError, load_audio, normalise_level, run_command  # noqa: E402
+from utils import UserError, atomic_write, load_audio, normalise_level, run_command  # noqa: E402
 
 METRICS = ("pesq", "estoi", "dnsmos_ovrl")
 RULE_PART = re.compile(r"^\s*(intact|asymmetry)\s*([<>])\s*(-?[0-9.]+)\s*$")
@@ -118,22 +118,24 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"file": f"{condition}/{rel.as_posix()}", "condition": condition}
                             | statistics(enhancer, audio, args.tau))
         if args.output:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.output, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            atomic_write(args.output, text.getvalue().encode())
         missing = [row["file"] for row in rows if row["file"] not in blended or row["file"] not in alone]
         if missing:
             raise UserError(f"{len(missing)} recordings have no scores in {args.scores} (first: {missing[0]}): "
                             f"score the same --test_dir and --files with compare_peers.py")
-        for name, rule in [("blend everywhere", [("intact", "<", -math.inf)])] + list(rules.items()):
+        for name, rule in [("blend everywhere", None), *rules.items()]:
+            flags = [rule is not None and switched(r, rule) for r in rows]
             cells = []
             for condition in [*conditions, "all"]:
-                chosen = [alone[r["file"]] if switched(r, rule) else blended[r["file"]]
-                          for r in rows if condition in ("all", r["condition"])]
+                members = [(r, flag) for r, flag in zip(rows, flags) if condition in ("all", r["condition"])]
+                chosen = [(alone if flag else blended)[r["file"]] for r, flag in members]
                 means = [sum(float(c[m]) for c in chosen) / len(chosen) for m in METRICS]
-                share = sum(switched(r, rule) for r in rows if condition in ("all", r["condition"])) / len(chosen)
+                share = sum(flag for _, flag in members) / len(members)
                 cells.append(f"{condition} {means[0]:.3f} / {means[1]:.3f} / {means[2]:.2f} ({share:.2f})")
             print(f"{name}: " + " | ".join(cells), flush=True)
         return 0
