@@ -46,6 +46,20 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every torchrun rank (the flag itself when not distributed).
+
+    A decision that changes which collective operations a rank runs (skipping a backward pass on a non-finite loss,
+    stopping on a signal) must come out the same on every rank: a rank that skips DDP's gradient all-reduce leaves the
+    others waiting in it for ever.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def distributed(module: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
     """The module wrapped for DistributedDataParallel under torchrun (which also makes every rank's weights and
     buffers rank 0's), or itself."""

@@ -34,7 +34,7 @@ from models.log_mel import LogMel
 from models.losses import discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
 from runs import (TrainingDiverged, TrainingRun, TrainingStream, check_resumable, check_segment_length,
                   check_training_config, distributed, ensure_finite_weights, load_latest_checkpoint, log,
-                  make_loader, setup_distributed)
+                  make_loader, on_every_rank, setup_distributed)
 from utils import (UserError, argmax, count_parameters, find_audio_files, load_audio, load_config, normalise_level,
                    require_dir, require_writable, seed_everything)
 
@@ -166,8 +166,8 @@ class Stage:
         anything is saved: a checkpoint never holds them.
         """
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(judged).item():
-            guard(judged)  # one count per step: the loss's, or else the gradient's below
+        if not on_every_rank(torch.isfinite(judged).item(), judged.device):  # DDP: every rank skips, or none
+            guard(judged.new_tensor(float("nan")))  # one count per step: the loss's, or else the gradient's below
             return 0.0
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.train_cfg["grad_clip"])
@@ -244,7 +244,8 @@ class CodecStage(Stage):
             with amp:
                 loss_d = self.loss["discriminator"] * discriminator_hinge_loss(
                     self.discriminator_ddp(clean), self.discriminator_ddp(out.waveform.detach()))
-            if torch.isfinite(loss_d).item():  # a non-finite step is counted once, by the generator's guard
+            # A non-finite step is counted once, by the generator's guard; under DDP every rank skips it alike.
+            if on_every_rank(torch.isfinite(loss_d).item(), loss_d.device):
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.float().backward()
                 torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.train_cfg["grad_clip"])
@@ -469,7 +470,8 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run = TrainingRun(directory, config, resumed, device, rank, world, keep_last, initial)
     for batch in loader:
-        if run.step >= max_steps or run.stop.requested:
+        # A signal reaches the ranks at slightly different steps: all stop at the first step any of them saw it.
+        if run.step >= max_steps or not on_every_rank(not run.stop.requested, device):
             break
         batch = [b.to(device, non_blocking=True) for b in batch] if isinstance(batch, list) else \
             batch.to(device, non_blocking=True)

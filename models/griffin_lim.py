@@ -55,7 +55,8 @@ def integrated_phase(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_l
 def at_fft_bins(dense: torch.Tensor, n_fft: int) -> torch.Tensor:
     """Rows of a matrix over the bins of a longer FFT (dense_bins, ...) read at the n_fft // 2 + 1 bin frequencies of
     an FFT of n_fft, by linear interpolation (exact where the sizes divide)."""
-    position = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (2 * (dense.shape[0] - 1) / n_fft)
+    step = 2 * (dense.shape[0] - 1) / n_fft  # dense bins per bin of this FFT
+    position = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=dense.device) * step
     below = position.floor().long().clamp(max=dense.shape[0] - 2)
     fraction = (position - below).to(dense.dtype).view(-1, *[1] * (dense.dim() - 1))
     return dense[below] * (1 - fraction) + dense[below + 1] * fraction

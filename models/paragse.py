@@ -143,7 +143,7 @@ class DegradedCodePrior(nn.Module):
         # -|x - c|^2 = 2 x.c - |c|^2 - |x|^2: [x, 1, |x|^2] times this (code_dim + 2, codebook_size) matrix, so the
         # whole term is one small matrix product added onto the logits in the same pass.
         distance_terms = torch.cat([2 * codes, -codes.pow(2).sum(dim=-1, keepdim=True),
-                                    -torch.ones(groups, codebook_size, 1)], dim=-1).transpose(1, 2)
+                                    -codes.new_ones(groups, codebook_size, 1)], dim=-1).transpose(1, 2)
         self.register_buffer("distance_terms", distance_terms / spread.view(groups, 1, 1), persistent=False)
         self.register_buffer("codes", codes.flatten(0, 1), persistent=False)  # group g's code k: row g * size + k
         self.log_strength_scale = log_strength_scale

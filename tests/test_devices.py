@@ -1,8 +1,10 @@
 """Multi-process training through torchrun (gloo on CPU) and the CUDA paths (skipped without a GPU)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +12,40 @@ import torch
 
 import checkpoint
 import inference
+import runs
 import train
 from conftest import REPO, TINY_CONFIG
 from models import build_codec, build_enhancer
+from models.conformer import GroupedBiLSTM
 from utils import load_audio, load_config, save_audio, seed_everything
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def _decide_on_two_ranks(rank: int, folder: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        cpu = torch.device("cpu")
+        decisions = [runs.on_every_rank(True, cpu), runs.on_every_rank(rank == 0, cpu), runs.on_every_rank(False, cpu)]
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(decisions))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_skip_or_stop_is_decided_alike_on_every_rank(tmp_path):
+    """A non-finite loss or a stop signal on one torchrun rank must not leave the others waiting in DDP's all-reduce:
+    the decision holds on every rank only if it holds on all of them."""
+    torch.multiprocessing.spawn(_decide_on_two_ranks, args=(str(tmp_path),), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False, False]] * 2
+
+
+def test_an_enhancer_builds_from_a_codec_on_another_device():
+    """Training builds the enhancer from the frozen codec already on its device (a GPU), so nothing the enhancer
+    derives from the codec (the copy prior's code distances) may be made on the CPU; the meta device stands in."""
+    config = load_config(REPO / "configs" / "demo_paragse.json")
+    codec = build_codec(config["codec"], config["sample_rate"]).to("meta")
+    predictor = build_enhancer(config["enhancer"], codec).to("meta")
+    assert {t.device.type for t in [*predictor.parameters(), *predictor.buffers()]} == {"meta"}
 
 
 def test_torchrun_two_processes_train_and_checkpoint(tmp_path, speech):
@@ -30,6 +60,18 @@ def test_torchrun_two_processes_train_and_checkpoint(tmp_path, speech):
     assert saved["training"]["step"] == 3
     # DDP keeps the replicas identical, so the one checkpoint rank 0 wrote is the model of both processes.
     checkpoint.load_codec(tmp_path / "run" / "checkpoint_00000003.pt")
+
+
+@needs_cuda
+def test_lstm_recurrences_keep_float32_under_cuda_mixed_precision():
+    """cuDNN's RNN would run in float16 under autocast, and bfloat16 training scales no loss: the BiLSTMs opt out."""
+    lstm = GroupedBiLSTM(2, 8, 4, 2).cuda()
+    x = torch.randn(2, 3, 50, 8, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lstm(x)
+    assert y.dtype == torch.float32
+    y.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lstm.parameters())
 
 
 @needs_cuda
