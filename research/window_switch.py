@@ -5,6 +5,8 @@
         --checkpoint blend=pretrained/demo_paragse.pt --checkpoint alone=runs/alone.pt
     python research/window_switch.py --test_dir data/valid_sets --files 40 --scores runs/switch \
         --rules "intact<0.15" "intact<0.15&asymmetry>0.05" --output runs/switch/statistics.csv
+    python research/window_switch.py --test_dir data/valid_sets --files 40 --scores runs/switch \
+        --rules "intact<0.15&asymmetry>0.05" --alone_magnitude
 
 The blend (models/input_blend.py) keeps the degraded input wherever its level allows, which on reverberant input
 keeps the reflections too. A switch that gives such a recording the codec's output alone needs a sign, measured on
@@ -19,7 +21,9 @@ the degraded recording, of where that is better. Two are computed per recording 
 A switched recording's output is exactly the codec-alone checkpoint's, so each rule (conditions on the statistics
 joined by '&', each NAME<VALUE or NAME>VALUE) is scored from the two systems' per-file scores in --scores, as
 compare_peers.py wrote them: PESQ / ESTOI / DNSMOS OVRL per condition and the share of recordings switched.
-Measured in docs/experiments.md, item 52.
+With --alone_magnitude a switched recording gets instead the codec-alone output's STFT magnitude on the blended
+output's phase (the blend's mixing STFT), made from the two systems' outputs in --scores and scored here.
+Measured in docs/experiments.md, items 52 and 53.
 """
 from __future__ import annotations
 
@@ -35,9 +39,11 @@ import csv  # noqa: E402
 import io  # noqa: E402
 import re  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from inference import Enhancer  # noqa: E402
+from metrics import score_pair  # noqa: E402
 from models.input_blend import token_probability  # noqa: E402
 from scripts.compare_peers import condition_dirs, file_stem, select_files  # noqa: E402
 from utils import UserError, atomic_write, load_audio, normalise_level, run_command  # noqa: E402
@@ -66,6 +72,14 @@ def statistics(enhancer: Enhancer, audio, tau: int) -> dict[str, float]:
     follows = correlation(degraded_energy[tau:], predicted_energy[:-tau])
     precedes = correlation(degraded_energy[:-tau], predicted_energy[tau:])
     return {"intact": float(intact.mean()), "asymmetry": follows - precedes}
+
+
+def magnitude_on_blend_phase(enhancer: Enhancer, blended: np.ndarray, alone: np.ndarray) -> np.ndarray:
+    """The codec-alone output's STFT magnitude with the blended output's phase, in the blend's mixing STFT."""
+    frame_stft = enhancer.blend.frame_stft
+    length = min(len(blended), len(alone))
+    blended_spec, alone_spec = (frame_stft(torch.from_numpy(x[:length])[None]) for x in (blended, alone))
+    return frame_stft.inverse(torch.polar(alone_spec.abs(), blended_spec.angle()), length)[0, :length].numpy()
 
 
 def parse_rule(text: str) -> list[tuple[str, str, float]]:
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alone", default="alone", help="the codec-alone system's name there")
     p.add_argument("--checkpoint", type=Path, help="enhancer with inference.blend (default: the shipped model)")
     p.add_argument("--rules", nargs="+", default=["intact<0.15", "intact<0.15&asymmetry>0.05"])
+    p.add_argument("--alone_magnitude", action="store_true",
+                   help="switched recordings: the codec-alone magnitude on the blend's phase (see above)")
     p.add_argument("--tau", type=int, default=16, help="log-mel frames (2.5 ms each for the demo codec)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", type=Path, help="CSV of every recording's statistics")
@@ -128,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise UserError(f"{len(missing)} recordings have no scores in {args.scores} (first: {missing[0]}): "
                             f"score the same --test_dir and --files with compare_peers.py")
+        if args.alone_magnitude:  # every recording some rule switches, made and scored once
+            for row in rows:
+                if any(switched(row, rule) for rule in rules.values()):
+                    clean = load_audio(args.test_dir / "clean" / row["file"].split("/", 1)[1], enhancer.sample_rate)[0]
+                    outputs = [load_audio(args.scores / name / row["file"], enhancer.sample_rate)[0]
+                               for name in (args.blend, args.alone)]
+                    alone[row["file"]] = score_pair(magnitude_on_blend_phase(enhancer, *outputs), clean)
         for name, rule in [("blend everywhere", None), *rules.items()]:
             flags = [rule is not None and switched(r, rule) for r in rows]
             cells = []
