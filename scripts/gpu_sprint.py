@@ -16,8 +16,10 @@ OUT/report.json before the next begins, so a run cut short still reports what it
    enhancer of stage 4 is measured too, which sizes its run.
 3. `inference_rtf`: real-time factor on the device of the paper pipeline, ParaGSE and serial, stage by stage
    (benchmark.py's measurement), with batches of clips and with a long recording's windows batched.
-4. `training`: for the rest of the budget, the larger demo enhancer (configs/gpu_demo_paragse.json) on the shipped
-   demo codec's tokens from the pack's speech and noise, stopped at the deadline (SIGTERM: train.py saves), exported
+4. `training`: for the rest of the budget, the larger demo enhancer (configs/gpu_demo_paragse.json), grown from the
+   shipped demo model (`--init_from`: its weights, the token branches' new conformer blocks from their initialisation),
+   on the shipped demo codec's tokens from the pack's speech and noise, stopped at the deadline (SIGTERM: train.py
+   saves), exported
    at float16 as OUT/gpu_paragse.pt (in parts of at most 15 MiB if larger; checkpoint.load joins them), validated
    on the pack's validation pairs beside the shipped demo model (ESTOI, and PESQ where pesq imports), with its
    OUT/log.csv.
@@ -369,8 +371,11 @@ def train_sprint_model(options: dict, throughput: dict, deadline: float, scratch
     config = sprint_config(smoke, scratch)
     run_dir = scratch / "run"
     steps = planned_steps(throughput, deadline - now(), smoke)
+    # Grown from the shipped model (its weights; the token branches' conformer blocks new): minutes of a GPU build on
+    # its 18.8 CPU-hours instead of starting again from nothing.
     command = [sys.executable, "train.py", "--stage", "enhancer", "--config", str(config), "--codec",
-               str(SHIPPED_CODEC), "--checkpoint_dir", str(run_dir), "--train_dir", str(pack / "speech"),
+               str(SHIPPED_CODEC), "--init_from", str(SHIPPED_ENHANCER), "--checkpoint_dir", str(run_dir),
+               "--train_dir", str(pack / "speech"),
                "--noise_dir", str(pack / "noise"), "--device", options["device"], "--max_steps", str(steps),
                "--keep_last", "1"]
     if (pack / "rir").is_dir():
