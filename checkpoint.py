@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -106,7 +107,7 @@ def load(path: str | Path, kind: str | None = None) -> dict:
         raise UserError(f"checkpoint {path} was not written by this version of the project (no format {FORMAT}); "
                         "convert an earlier one with `python checkpoint.py convert OLD NEW`")
     if kind is not None and payload["kind"] != kind:
-        raise UserError(f"checkpoint {path} holds a {payload['kind']}, expected a {kind}")
+        raise UserError(f"checkpoint {path} holds a model of kind '{payload['kind']}', expected '{kind}'")
     return payload
 
 
@@ -305,8 +306,8 @@ def check_decoding(decoding: str, temperature: float, predictor_class: type | No
     """Refuse, in one line, a decoding the predictor class cannot do (None: codec copy-synthesis)."""
     if decoding not in DECODINGS:
         raise UserError(f"inference.decoding must be one of {', '.join(DECODINGS)}, not {decoding!r}")
-    if not temperature > 0:
-        raise UserError(f"inference.temperature must be above 0, not {temperature}")
+    if not 0 < temperature < math.inf:
+        raise UserError(f"inference.temperature must be a finite number above 0, not {temperature}")
     if decoding == "expected" and predictor_class is not None and predictor_class is not ENHANCERS["ParaGSE"]:
         raise UserError("decoding by expectation needs ParaGSE's independent group distributions; the serial "
                         "baseline chooses each stage's token given the ones before")
@@ -382,7 +383,12 @@ def convert(source: Path, output: Path) -> dict:
     trust (your own runs). A codec an enhancer names must be converted first, beside the output under the name
     the enhancer uses.
     """
-    old = torch.load(source, map_location="cpu", weights_only=False)
+    if not Path(source).is_file():
+        raise UserError(f"checkpoint not found: {source}")
+    try:
+        old = torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a checkpoint: torch raises many types
+        raise UserError(f"checkpoint {source} is corrupt or not a checkpoint ({type(e).__name__})") from None
     if not isinstance(old, dict) or "kind" not in old or "config" not in old or old.get("format") == FORMAT:
         raise UserError(f"{source} is not a checkpoint of the earlier format")
     history = {k: old[k] for k in ("step", "compute_seconds") if k in old}
@@ -438,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output.is_dir():
+        raise UserError(f"{args.output} is a folder; give the output file's name, e.g. {args.output / 'model.pt'}")
+    if args.output.exists() and args.checkpoint.exists() and os.path.samefile(args.output, args.checkpoint):
+        raise UserError(f"{args.output} is the checkpoint it would be made from; write it under another name")
     if args.command == "convert":
         out = convert(args.checkpoint, args.output)
     else:

@@ -406,6 +406,12 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name such as {output / 'results.csv'}")
+    if output.suffix.lower() in AUDIO_EXTENSIONS:
+        raise UserError(f"--output {output} is named as audio; the per-file scores are a CSV (e.g. results.csv)")
+    for name in ("manifest", "transcripts"):
+        given = getattr(args, name)
+        if given and output.exists() and Path(given).exists() and os.path.samefile(output, given):
+            raise UserError(f"--output {output} is the --{name} file; writing the scores would replace it")
     require_writable(output.parent, "--output")  # before the scoring, which is the slow part
     if args.figures:
         require_writable(args.figures_dir, "--figures_dir")

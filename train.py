@@ -417,6 +417,8 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
     kind = "codec" if args.stage == "codec" else "enhancer"
     stage_cfg = config["codec_training" if kind == "codec" else "enhancer_training"]
     max_steps = stage_cfg["max_steps"] if args.max_steps is None else args.max_steps
+    if max_steps < 0:  # 0 writes the starting point's checkpoint and trains nothing
+        raise UserError(f"--max_steps must be 0 or more, not {max_steps}")
     check_training_config(config, f"{kind}_training", world)
     if kind == "enhancer" and (config["enhancer"]["class"] == "SerialEnhancer") != (args.stage == "serial"):
         raise UserError(f"--stage {args.stage} does not train a {config['enhancer']['class']} (enhancer.class): "
@@ -469,6 +471,8 @@ def train(args: argparse.Namespace, config: dict, rank: int, world: int, device:
                          resumed["training"]["step"] if resumed else 0, rank, world, config["data"]["num_workers"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run = TrainingRun(directory, config, resumed, device, rank, world, keep_last, initial)
+    if run.step >= max_steps > 0 and rank == 0:
+        log.info("the run is already at step %d, at or past --max_steps %d: nothing to train", run.step, max_steps)
     for batch in loader:
         # A signal reaches the ranks at slightly different steps: all stop at the first step any of them saw it.
         if run.step >= max_steps or not on_every_rank(not run.stop.requested, device):

@@ -24,6 +24,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "config.json"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")  # what soundfile (libsndfile >= 1.1) decodes
+MAX_FLOAT_PEAK = 1e15  # float samples beyond this are not audio at any usual scale (1.0, or integer PCM's range)
 
 
 class UserError(Exception):
@@ -89,9 +90,12 @@ def read_json(path: str | Path) -> dict:
         raise UserError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"config file {path} must hold a JSON object ({{...}}), not a {type(value).__name__}")
+    return value
 
 
 def load_config(path: str | Path | None = None) -> dict:
@@ -197,11 +201,19 @@ def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int, target_rat
     Raises AudioError with a one-line reason for audio that cannot be used.
     """
     if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
+        audio = audio.detach().cpu()
+        if audio.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            audio = audio.float()
+        audio = audio.numpy()
     audio = np.asarray(audio)
     notes: list[str] = []
     if audio.dtype.kind == "f":
         audio = audio.astype(np.float32, copy=False)
+    elif audio.dtype == np.int64:
+        # No audio file holds 64-bit PCM: such arrays are other integers cast by numpy's default (e.g. int16 values
+        # in int64), whose full scale cannot be told from the type.
+        raise AudioError("cannot use int64 samples: their full scale is unknown (give float, or integer PCM in its "
+                         "own type, e.g. int16)")
     elif audio.dtype.kind == "i":
         audio = (audio / float(2 ** (8 * audio.dtype.itemsize - 1))).astype(np.float32)
     elif audio.dtype == np.uint8:  # 8-bit PCM is offset binary
@@ -221,6 +233,9 @@ def prepare_audio(audio: np.ndarray | torch.Tensor, sample_rate: int, target_rat
         bad = int(np.sum(~np.isfinite(audio)))
         audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
         notes.append(f"replaced {bad} NaN/Inf samples with 0")
+    peak = float(np.abs(audio).max())
+    if peak > MAX_FLOAT_PEAK:  # squared, the level measurement would overflow float32
+        raise AudioError(f"samples reach {peak:.3g}; float audio is expected near full scale 1.0")
     if not (isinstance(sample_rate, (int, np.integer)) and sample_rate > 0):
         raise AudioError(f"sample rate must be a positive whole number of Hz, not {sample_rate!r}")
     if sample_rate != target_rate:

@@ -59,9 +59,27 @@ def test_nan_samples_are_zeroed_with_a_note_and_bad_audio_is_one_line(enhancer: 
     assert np.isfinite(out).all() and notes == ["replaced 100 NaN/Inf samples with 0"]
     for audio, rate, words in ((np.zeros(0, np.float32), 16000, "empty"), (clip[:100], 16000, "too short"),
                                (np.zeros((2, 3, 4), np.float32), 16000, "shape"), (clip, 0, "sample rate"),
-                               (clip.astype(np.complex64), 16000, "complex")):
+                               (clip.astype(np.complex64), 16000, "complex"),
+                               ((clip * 32767).astype(np.int64), 16000, "int64"), (clip * 1e30, 16000, "full scale")):
         with pytest.raises(AudioError, match=words):
             enhancer(audio, rate)
+    out, _ = enhancer(torch.from_numpy(clip).bfloat16(), 16000)  # numpy has no bfloat16: converted first
+    assert out.shape == clip.shape
+
+
+def test_a_dropout_in_a_noisy_recording_stays_silent_and_leaves_the_rest_as_it_was(enhancer: Enhancer,
+                                                                                   clip: np.ndarray) -> None:
+    """62 ms of digital silence inside noise (a lost packet, a glitch) once made the whole output 3x as loud."""
+    reference, _ = enhancer(clip, 16000)
+    broken = clip.copy()
+    broken[30000:31000] = 0.0
+    out, notes = enhancer(broken, 16000)
+    assert notes == ["62 ms of digital silence (dropouts) filled with noise at the recording's floor for the model; "
+                     "silent in the output"]
+    assert not out[30000:31000].any()
+    outside = np.r_[0:29000, 32000:len(clip)]
+    level = np.sqrt(np.mean(out[outside] ** 2) / np.mean(reference[outside] ** 2))
+    assert 0.95 < level < 1.05
 
 
 def test_quiet_loud_and_offset_recordings_are_enhanced_alike(enhancer: Enhancer) -> None:

@@ -313,3 +313,19 @@ def test_held_out_points_of_continued_runs_keep_their_place_on_the_curve(tmp_pat
         points = [(float(r["compute_hours"]), int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
                   if r["key"] == "test/pesq"]
     assert points == [(2.0, 1500, 1.2), (9.7, 7000, 1.2), (10.3, 1500, 1.5)]
+
+
+def test_scores_are_never_written_over_an_input(dataset, tmp_path, capsys):
+    """An --output that names a clean recording or the manifest is refused before scoring; both stay as they were."""
+    clean = dataset["C"] / "u0.wav"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("file,condition\nnoisy5/u0.wav,hard\n")
+    before = clean.read_bytes(), manifest.read_text()
+    cases = ((clean, [], "named as audio"), (manifest, ["--manifest", str(manifest)], "--manifest"))
+    for output, extra, words in cases:
+        code = evaluate.main(["--enhanced_dir", str(dataset["E"]), "--clean_dir", str(dataset["C"]), "--output",
+                              str(output), "--no_dnsmos", *extra])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(error) == 1 and words in error[0], error
+    assert (clean.read_bytes(), manifest.read_text()) == before
+

@@ -228,7 +228,7 @@ def test_inference_argument_errors_are_one_line_exit_2(case: str, cli_inputs: Pa
         "missing_ckpt": (["--input_dir", f / "in", "--checkpoint", f / "absent.pt"], ["absent.pt", "not found"]),
         "corrupt_ckpt": (["--input_dir", f / "in", "--checkpoint", f / "corrupt.pt"], ["corrupt.pt", "corrupt"]),
         "unsafe_ckpt": (["--input_dir", f / "in", "--checkpoint", f / "unsafe.pt"], ["unsafe.pt", "not safe"]),
-        "wrong_kind": (["--input_dir", f / "in", "--checkpoint", codec], ["codec.pt", "holds a codec"]),
+        "wrong_kind": (["--input_dir", f / "in", "--checkpoint", codec], ["codec.pt", "kind 'codec'"]),
         "shape_mismatch": (["--input_dir", f / "in", "--checkpoint", f / "mismatch.pt"], ["mismatch.pt"]),
         "unknown_key_in_checkpoint": (["--input_dir", f / "in", "--checkpoint", f / "unknown_key.pt"], ["colour"]),
         "cuda": (["--input_dir", f / "in", "--checkpoint", enhancer, "--device", "cuda"], ["CUDA"]),
@@ -490,6 +490,24 @@ def test_one_file_as_input_and_reruns_that_would_mix_settings(tmp_path: Path, sp
     error = capfd.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "decoding argmax → expected" in error[0] and "--overwrite" in error[0], error
     assert inference.main(argv + ["--decoding", "expected", "--overwrite"]) == 0
+
+
+def test_an_export_onto_its_own_source_and_an_unreadable_settings_note_are_one_line(
+        tmp_path: Path, speech: np.ndarray, tiny_checkpoints: tuple[Path, Path], capfd: pytest.CaptureFixture) -> None:
+    enhancer, _ = tiny_checkpoints
+    before = enhancer.read_bytes()
+    assert checkpoint.main(["export", str(enhancer), str(enhancer), "--decoding", "argmax"]) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is the checkpoint it would be made from" in error[0] and enhancer.read_bytes() == before
+    save_audio(tmp_path / "in" / "a.wav", speech[:16000], 16000)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / inference.SETTINGS_FILE).write_text("{not json")
+    argv = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"), "--checkpoint", str(enhancer),
+            "--device", "cpu"]
+    assert inference.main(argv) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is not readable" in error[0] and "--overwrite" in error[0], error
+    assert inference.main(argv + ["--overwrite"]) == 0
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_compute(tmp_path: Path, speech: np.ndarray,
