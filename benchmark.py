@@ -368,6 +368,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     config = load_config(args.config)
     started_load = load_average()
     names = ["parallel"] + ([] if args.skip_serial else ["serial"])
+    if config["enhancer"]["class"] != "ParaGSE":
+        raise UserError(f"--config {args.config} builds a {config['enhancer']['class']}, not ParaGSE; the serial "
+                        "baseline's config goes to --serial_config")
     systems = [build_system(name, config if name == "parallel" else load_config(args.serial_config),
                             precision=args.precision) for name in names]
     parallel = systems[0]
@@ -613,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     args.allocator_tuned = cpu_speed.enable()  # as inference.py's command line does
     try:
         if args.json:
+            if args.json.is_dir():
+                raise UserError(f"--json {args.json} is a folder; give a file name such as {args.json / 'bench.json'}")
             require_writable(args.json.parent, "--json")  # before the minutes of measuring
         if args._length_probe is not None:
             torch.set_num_threads(args.threads)

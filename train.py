@@ -503,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world, device = setup_distributed(args.device)
         if rank != 0:
             logging.getLogger().setLevel(logging.WARNING)
+        if Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+            raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is a file, not a folder")
         Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         seed_everything(config["data"]["seed"] + rank)
         train(args, config, rank, world, device)

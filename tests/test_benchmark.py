@@ -61,6 +61,13 @@ def test_benchmark_end_to_end_on_the_tiny_configuration(tmp_path):
     assert all(x["audio_seconds_per_second"] > 0 for x in r["batch_throughput"])
 
 
+def test_a_serial_config_as_the_parallel_one_and_a_json_folder_are_refused_before_measuring(tmp_path, capsys):
+    assert benchmark.main(["--config", str(TINY_SERIAL_CONFIG), "--skip_serial", "--lengths", "2"]) == 2
+    assert "not ParaGSE" in capsys.readouterr().err
+    assert benchmark.main(["--config", str(TINY_CONFIG), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_analytic_lstm_flops_match_a_counted_unrolled_lstm():
     """8 * H * (I + H) per frame, layer and direction: what the counter reports for the same products unrolled."""
     groups, inputs, hidden, layers, frames = 2, 6, 5, 2, 7

@@ -474,6 +474,19 @@ def test_training_settings_that_cannot_work_are_one_line_exit_2(override: dict, 
     assert not list((tmp_path / "run").glob("checkpoint_*.pt"))
 
 
+def test_a_checkpoint_folder_that_is_a_file_and_a_negative_step_count_are_one_line_exit_2(
+        tmp_path: Path, speech: np.ndarray, capfd: pytest.CaptureFixture) -> None:
+    save_audio(tmp_path / "data" / "a.wav", speech, 16000)
+    (tmp_path / "a_file").write_text("not a folder")
+    for argv, words in ((_codec_argv(tmp_path / "a_file", tmp_path / "data", 2), "is a file, not a folder"),
+                        (_codec_argv(tmp_path / "run", tmp_path / "data", -1), "--max_steps must be 0 or more")):
+        capfd.readouterr()
+        assert train.main(argv) == 2
+        error = capfd.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and words in error[0], error
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
 def test_one_file_as_input_and_reruns_that_would_mix_settings(tmp_path: Path, speech: np.ndarray,
                                                               tiny_checkpoints: tuple[Path, Path],
                                                               capfd: pytest.CaptureFixture) -> None:
