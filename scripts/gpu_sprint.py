@@ -215,6 +215,7 @@ def measure_training(item: dict, device_name: str, pack: Path, workers: int) -> 
     import dataset as data
     import train
     from models import build_codec
+    from models.conformer import recurrences_left_eager
     from runs import make_loader
     from utils import load_config, resolve_device
 
@@ -240,7 +241,7 @@ def measure_training(item: dict, device_name: str, pack: Path, workers: int) -> 
         dataset = data.DegradedDataset(pack / "speech", pack / "noise", rir, config["data"], segment, seed, rate)
     stage.wrap()
     if item["compile"]:
-        stage.model_ddp = torch.compile(stage.model_ddp)
+        stage.model_ddp = torch.compile(recurrences_left_eager(stage.model_ddp))
         if getattr(stage, "discriminator", None) is not None:
             stage.discriminator_ddp = torch.compile(stage.discriminator_ddp)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if item["precision"] == "bf16" else nullcontext()
