@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -316,6 +317,12 @@ class Enhancer:
 
 
 # ----------------------------------------------------------------------------------------------- folder job
+def real_path(path: Path) -> Path:
+    """Where a path leads, links followed; unlike Path.resolve, a link loop gives a path instead of an exception (the
+    file is then reported as unreadable, like any other)."""
+    return Path(os.path.realpath(path))
+
+
 def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
     """(input, output) pairs for a folder (searched recursively) or a single file; refuses layouts where an output
     could land on an input."""
@@ -331,16 +338,16 @@ def plan_outputs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
         raise UserError(f"output folder {output_dir} is the input folder: outputs would overwrite inputs; "
                         "choose another --output_dir")
     if out_root.is_relative_to(in_root):  # outputs nested in the input folder are not inputs of a later run
-        inputs = [p for p in inputs if not (in_root / p).resolve().is_relative_to(out_root)]
+        inputs = [p for p in inputs if not real_path(in_root / p).is_relative_to(out_root)]
     if not inputs:
         raise UserError(f"no .wav/.flac/.ogg/.mp3 files under {input_dir}")
     wanted = [p.with_suffix(".wav") for p in inputs]
     clashes = {w for w in wanted if wanted.count(w) > 1}
     # a.wav and a.flac side by side: keep the source extension in the name rather than overwrite one with the other.
     outputs = [Path(f"{p}.wav") if w in clashes and p.suffix.lower() != ".wav" else w for p, w in zip(inputs, wanted)]
-    input_set = {(in_root / p).resolve() for p in inputs}
+    input_set = {real_path(in_root / p) for p in inputs}
     for out in outputs:
-        if (out_root / out).resolve() in input_set:
+        if real_path(out_root / out) in input_set:
             raise UserError(f"output {output_dir / out} would overwrite an input; choose an --output_dir outside "
                             f"{input_dir}")
     return [(in_root / i, out_root / o) for i, o in zip(inputs, outputs)]

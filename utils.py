@@ -121,9 +121,11 @@ def load_config(path: str | Path | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- audio
 def find_audio_files(root: str | Path, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
-    """Audio files under `root` (recursively), as paths relative to `root`, sorted."""
+    """Audio files under `root` (recursively), as paths relative to `root`, sorted. A link to nowhere (or a loop) is
+    listed too, so that it is reported as a file that cannot be read rather than left out unseen."""
     root = Path(root)
-    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    return sorted(p.relative_to(root) for p in root.rglob("*")
+                  if p.suffix.lower() in extensions and (p.is_file() or p.is_symlink()))
 
 
 def load_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, list[str]]:
@@ -139,7 +141,9 @@ def load_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, list[str
         raise AudioError("permission denied") from None
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
-        if not os.access(path, os.R_OK):
+        if path.is_symlink() and not path.exists():
+            reason = "a link to a missing file, or a loop of links"
+        elif not os.access(path, os.R_OK):
             reason = "permission denied"
         raise AudioError(f"cannot decode audio ({reason})") from None
     recovered = _samples_beyond_wav_header(path, audio.shape)

@@ -83,6 +83,8 @@ def _bad_input_folder(root: Path, speech: np.ndarray) -> dict[str, tuple[str, st
     bad("empty.wav", "empty", audio=np.zeros(0, np.float32))
     bad("too_short.wav", "too short", audio=clip[:100])
     bad("locked.wav", "permission denied", audio=clip)
+    (root / "dangling.wav").symlink_to(root / "moved_away.wav")  # a link whose file is gone
+    expected["dangling.wav"] = ("failed", "a link to a missing file")
     full = (root / "plain.wav").read_bytes()
     (root / "truncated.wav").write_bytes(full[: len(full) // 2])  # header promises more data than there is
     expected["truncated.wav"] = ("either", None)
