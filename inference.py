@@ -365,7 +365,7 @@ def record_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
     if path.is_file() and not overwrite:
         try:
             before = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # not JSON, or not text (UnicodeDecodeError is a ValueError)
             before = None
         if not isinstance(before, dict):
             raise UserError(f"{path} is not readable, so what its outputs were made with is unknown: add --overwrite "
@@ -450,9 +450,10 @@ def run(args: argparse.Namespace) -> int:
     audio_seconds = compute_seconds = 0.0
     interrupted = False
     progress = tqdm(jobs, unit="file", disable=None)
+    named_from = input_dir.resolve() if input_dir.is_dir() else None  # a single file is named as given
     try:
         for source, target in progress:
-            name = source.relative_to(input_dir.resolve()) if input_dir.is_dir() else input_dir  # a single file
+            name = source.relative_to(named_from) if named_from else input_dir
             tokens_missing = args.save_tokens and not target.with_suffix(".tokens.npy").exists()
             if target.exists() and not args.overwrite and not tokens_missing:
                 skipped += 1

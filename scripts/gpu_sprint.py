@@ -118,22 +118,27 @@ def unpack(pack: Path, target: Path) -> Path:
     return target
 
 
+def run_boxed(command: list[str], timeout: float, **popen: object) -> int | None:
+    """Run `command` in the repository, killing it and everything it started once `timeout` seconds have passed;
+    its exit code, or None if it was cut off."""
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, **popen)
+    try:
+        return process.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None
+
+
 def run_child(stage: str, options: dict, timeout: float, scratch: Path) -> dict:
     """Run one stage in a fresh process (its own CUDA context; a hang or a slow compile is cut off at `timeout`)
     and return what it wrote, marked cut_short if it ran out of time."""
     result_file = scratch / f"{stage}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--_stage", stage, "--_options", json.dumps(options),
                "--_result", str(result_file)]
-    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
-    try:
-        code = process.wait(timeout=max(1.0, timeout))
-        cut = False
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        code, cut = None, True
+    code = run_boxed(command, timeout)
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    result["exit_code"], result["cut_short"] = code, cut
+    result["exit_code"], result["cut_short"] = code, code is None
     return result
 
 
@@ -148,13 +153,7 @@ def cuda_tests(timeout: float, scratch: Path) -> dict:
                f"--junitxml={junit}"]
     started = now()
     with open(output, "w") as sink:
-        process = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = process.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            code = None
+        code = run_boxed(command, timeout, stdout=sink, stderr=subprocess.STDOUT)
     text = output.read_text(errors="replace")
     tests = {}
     if junit.is_file():
